@@ -1,0 +1,34 @@
+"""instaquant: instance-aware dynamic neural network quantization for PyTorch."""
+
+from . import cost, models, quant
+from .controller import BitController
+from .convert import (
+    DynamicQuantModel,
+    DynamicSpec,
+    ForwardRecord,
+    StaticQuantModel,
+    dynamic,
+    static,
+)
+from .cost import Budget
+from .layers import DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BitController",
+    "Budget",
+    "DynamicQConv2d",
+    "DynamicQLinear",
+    "DynamicQuantModel",
+    "DynamicSpec",
+    "ForwardRecord",
+    "QConv2d",
+    "QLinear",
+    "StaticQuantModel",
+    "cost",
+    "dynamic",
+    "models",
+    "quant",
+    "static",
+]

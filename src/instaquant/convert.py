@@ -1,0 +1,440 @@
+"""Turn any Conv2d/Linear CNN into a dynamic (DQ) or static quantized model by module swap.
+
+The user's model code is unchanged: a shape probe finds every Conv2d/Linear in
+execution order, each is replaced by its quantized counterpart, and the bit
+controller is attached by a forward hook on the tap module. Layers that run
+before the tap has finished (its output feeds the controller) are quantized at a
+fixed bit-width; every layer after it is dynamic.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .controller import BitController, select
+from .cost import BITOPS_CONVENTION, Budget, LayerInfo, Profile, bitops_at, controller_cost, probe
+from .layers import EXECUTIONS, DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
+from .quant.methods import METHODS, min_bits
+
+FIRST_LAST = ("fp", "8bit", "quantize")
+
+
+def _check_bits(bits: tuple[int, ...], what: str) -> None:
+    if len(bits) == 0:
+        raise ValueError(f"{what} is empty; give at least one bit-width in 1..8")
+    for b in bits:
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
+            raise ValueError(f"{what} contains {b!r}; allowed: integers 1..8")
+    if len(set(bits)) != len(bits):
+        raise ValueError(f"{what} {tuple(bits)} repeats a bit-width; give distinct values")
+
+
+def _check_method(method: str, bits: tuple[int, ...]) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not allowed; allowed: {', '.join(METHODS)}")
+    low = min_bits(method, "weight")
+    if min(bits) < low:
+        raise ValueError(f"method {method!r} needs bits >= {low} for weights, got {min(bits)}")
+
+
+@dataclass
+class DynamicSpec:
+    """Everything :func:`dynamic` needs to know. Validated on construction.
+
+    method: quantizer (dorefa, pact, lsq). bits: candidate bit-widths, ascending.
+    budget: compute budget and regularizer weight. tap: module whose output feeds the
+    controller (default ``layer1``, or ``features.3`` for MobileNet-style models).
+    fixed_bits: bit-width of quantized layers up to the tap (default: middle candidate).
+    first_last: ``fp`` keeps first conv and last linear full precision, ``8bit`` quantizes
+    them at 8 bits, ``quantize`` treats them like any other layer.
+    exclude: fnmatch patterns of layer names kept full precision.
+    separate: choose weight and activation bits separately. share: one learned clip/step
+    for all candidates. signed: per-layer override of the signed-activation detection.
+    tau, tau_final: Gumbel temperature (annealed by the trainer when tau_final is set).
+    sample_in_eval: Gumbel sampling also in evaluation (official-code behaviour).
+    execution: ``fast`` (routed inference) or ``reference`` (mixture over all branches).
+    """
+
+    method: str = "pact"
+    bits: tuple[int, ...] = (3, 4, 5)
+    budget: Budget = field(default_factory=Budget)
+    tap: str | None = None
+    fixed_bits: int | None = None
+    first_last: str = "fp"
+    exclude: tuple[str, ...] = ()
+    separate: bool = False
+    share: bool = False
+    signed: dict[str, bool] = field(default_factory=dict)
+    hidden: int = 128
+    dropout: float = 0.1
+    tau: float = 1.0
+    tau_final: float | None = None
+    sample_in_eval: bool = False
+    execution: str = "fast"
+
+    def __post_init__(self) -> None:
+        self.bits = tuple(sorted(self.bits))
+        self.exclude = tuple(self.exclude)
+        _check_bits(self.bits, "bits")
+        _check_method(self.method, self.bits)
+        if self.fixed_bits is None:
+            self.fixed_bits = self.bits[len(self.bits) // 2]
+        _check_bits((self.fixed_bits,), "fixed_bits")
+        if self.first_last not in FIRST_LAST:
+            raise ValueError(
+                f"first_last {self.first_last!r} is not allowed; allowed: {', '.join(FIRST_LAST)}"
+            )
+        if self.execution not in EXECUTIONS:
+            raise ValueError(
+                f"execution {self.execution!r} is not allowed; allowed: {', '.join(EXECUTIONS)}"
+            )
+        if self.tau <= 0 or (self.tau_final is not None and self.tau_final <= 0):
+            raise ValueError("tau and tau_final must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.budget, dict):
+            self.budget = Budget(**self.budget)
+
+
+@dataclass
+class ForwardRecord:
+    """What the latest forward chose and cost: ``bits_w``, ``bits_a`` ``[B, L]``, ``bitops`` ``[B]``.
+
+    In training ``bitops`` is differentiable through the straight-through selection.
+    ``selection`` is the one-hot ``[B, L, K]`` (``[B, L, 2, K]`` when separate) and
+    ``logits`` the controller's output (None for static models).
+    """
+
+    bits_w: Tensor
+    bits_a: Tensor
+    bitops: Tensor
+    selection: Tensor | None = None
+    logits: Tensor | None = None
+
+
+def default_tap(model: nn.Module) -> str:
+    names = dict(model.named_modules())
+    for candidate in ("layer1", "features.3"):
+        if candidate in names:
+            return candidate
+    top = [n for n, _ in model.named_children()]
+    raise ValueError(
+        f"cannot guess the tap module of {type(model).__name__}; name one with spec.tap "
+        f"(top-level modules: {', '.join(top)})"
+    )
+
+
+def _assign_roles(
+    layers: list[LayerInfo],
+    first_last: str,
+    exclude: tuple[str, ...],
+) -> None:
+    """Mark layers fp / static / dynamic (dynamic ones are those after the tap)."""
+    for info in layers:
+        info.role = "static" if info.before_tap else "dynamic"
+        if any(fnmatch.fnmatch(info.name, pat) for pat in exclude):
+            info.role = "fp"
+    if first_last != "quantize" and layers:
+        first = next((i for i in layers if i.op == "conv"), layers[0])
+        last = layers[-1]
+        for info in {first.name: first, last.name: last}.values():
+            info.role = "fp" if first_last == "fp" else "static"
+            info.bits = (8,) if first_last == "8bit" else ()
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _swap(
+    root: nn.Module, info: LayerInfo, method: str, bits: tuple[int, ...], signed: bool, **kw
+) -> nn.Module:
+    old = root.get_submodule(info.name)
+    if info.role == "dynamic":
+        cls = DynamicQConv2d if info.op == "conv" else DynamicQLinear
+        new = cls.from_float(old, method, bits, signed, **kw)
+    else:
+        cls = QConv2d if info.op == "conv" else QLinear
+        new = cls.from_float(old, method, bits[0], signed, **kw)
+    new.train(old.training)
+    _set_module(root, info.name, new)
+    return new
+
+
+class QuantModel(nn.Module):
+    """Common part of dynamic and static quantized models: the layer plan and its cost."""
+
+    layers: list[LayerInfo]
+    last: ForwardRecord | None
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles leave out the latest forward's tensors (they may hold a graph).
+        state = super().__getstate__()
+        return {**state, "last": None, "_pending": None}
+
+    @property
+    def quantized_layers(self) -> list[LayerInfo]:
+        return [i for i in self.layers if i.role != "fp"]
+
+    @property
+    def dynamic_layers(self) -> list[LayerInfo]:
+        return [i for i in self.layers if i.role == "dynamic"]
+
+    def static_bitops(self, bits: float) -> float:
+        """BitOPs of the same layers quantized statically at ``bits`` (the usual reference)."""
+        return bitops_at(self.layers, bits)
+
+    @property
+    def bitops_convention(self) -> str:
+        return BITOPS_CONVENTION
+
+    def describe_layers(self) -> Profile:
+        return Profile(self.layers)
+
+
+class DynamicQuantModel(QuantModel):
+    """A backbone with per-sample, per-layer bit-widths chosen by a :class:`BitController`.
+
+    ``forward(x)`` returns the backbone's logits; ``last`` records the choice and its cost;
+    ``budget_loss()`` is the regularizer to add to the task loss.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        controller: BitController,
+        spec: DynamicSpec,
+        layers: list[LayerInfo],
+        tap_shape: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.controller = controller
+        self.spec = spec
+        self.layers = layers
+        self.tap_shape = tap_shape
+        self.tau = spec.tau
+        self.last = None
+        self._forced: Tensor | None = None
+        self._pending: Tensor | None = None
+        self.register_buffer("candidate_bits", torch.tensor(spec.bits, dtype=torch.float32))
+        static_bitops = sum(i.macs * i.bits[0] * i.bits[0] for i in layers if i.role == "static")
+        self.register_buffer("static_part_bitops", torch.tensor(float(static_bitops)))
+        macs = [i.macs for i in layers if i.role == "dynamic"]
+        self.register_buffer("dynamic_macs", torch.tensor(macs, dtype=torch.float32))
+        self._dynamic_names = [i.name for i in layers if i.role == "dynamic"]
+        model.get_submodule(spec.tap).register_forward_hook(self._on_tap)
+
+    # ---------------------------------------------------------------- selection
+    def dynamic_modules(self) -> list[nn.Module]:
+        return [self.model.get_submodule(n) for n in self._dynamic_names]
+
+    def _on_tap(self, module: nn.Module, inputs: tuple, out: Tensor) -> None:
+        if self._forced is not None:
+            sel, logits = self._forced.to(out.dtype).expand(out.shape[0], *self._forced.shape), None
+        else:
+            logits = self.controller(out)
+            sel = select(logits, self.tau, self.training, self.spec.sample_in_eval)
+        for i, layer in enumerate(self.dynamic_modules()):
+            layer.selection = (sel[:, i, 0], sel[:, i, 1]) if self.spec.separate else sel[:, i]
+        self._pending = (sel, logits)
+
+    @contextmanager
+    def forced_bits(self, bits_w: list[int], bits_a: list[int] | None = None):
+        """Run every sample at the given bits per dynamic layer instead of the controller's choice."""
+        K = len(self.spec.bits)
+        idx_w = [self.spec.bits.index(int(b)) for b in bits_w]
+        idx_a = idx_w if bits_a is None else [self.spec.bits.index(int(b)) for b in bits_a]
+        if len(idx_w) != len(self._dynamic_names) or len(idx_a) != len(idx_w):
+            raise ValueError(f"give one bit-width per dynamic layer ({len(self._dynamic_names)})")
+        if not self.spec.separate and idx_w != idx_a:
+            raise ValueError("weight and activation bits differ but the spec chooses them jointly")
+        eye = torch.eye(K, device=self.candidate_bits.device)
+        forced = eye[idx_w]
+        if self.spec.separate:
+            forced = torch.stack([eye[idx_w], eye[idx_a]], dim=1)
+        self._forced = forced
+        try:
+            yield self
+        finally:
+            self._forced = None
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        self._pending = None
+        try:
+            out = self.model(x)
+        finally:
+            for layer in self.dynamic_modules():
+                layer.selection = None
+        if self._pending is None:
+            raise RuntimeError(f"the tap module {self.spec.tap!r} did not run in this forward")
+        sel, logits = self._pending
+        self._pending = None
+        self.last = self._record(sel, logits)
+        return out
+
+    def _record(self, sel: Tensor, logits: Tensor | None) -> ForwardRecord:
+        b = self.candidate_bits.to(sel.dtype)
+        if self.spec.separate:
+            sel_w, sel_a = sel[:, :, 0], sel[:, :, 1]
+            bits_w, bits_a = sel_w @ b, sel_a @ b
+            per_layer = bits_w * bits_a
+        else:
+            bits_w = bits_a = sel @ b
+            per_layer = sel @ (b * b)  # linear in the one-hot: clean straight-through gradient
+        bitops = per_layer @ self.dynamic_macs.to(sel.dtype) + self.static_part_bitops
+        return ForwardRecord(bits_w, bits_a, bitops, sel, logits)
+
+    def set_temperature(self, tau: float) -> None:
+        self.tau = float(tau)
+
+    def budget_loss(self) -> Tensor:
+        """``weight · max(0, cost − target)`` for the latest forward (see :class:`Budget`)."""
+        if self.last is None:
+            raise RuntimeError("budget_loss() needs a forward pass first")
+        rec = self.last
+        mean_bits = (rec.bits_w.mean() + rec.bits_a.mean()) / 2
+        return self.spec.budget.loss(rec.bitops, mean_bits, self.layers)
+
+    def budget_target(self) -> float:
+        return self.spec.budget.target(self.layers)
+
+    def describe_layers(self) -> Profile:
+        macs, params = controller_cost(self.controller, self.tap_shape)
+        return Profile(self.layers, controller_macs=macs, controller_params=params)
+
+
+class StaticQuantModel(QuantModel):
+    """A backbone quantized at one fixed bit-width; ``last`` records the (constant) cost."""
+
+    def __init__(self, model: nn.Module, layers: list[LayerInfo], bits: int, method: str) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = layers
+        self.bits = bits
+        self.method = method
+        self.last = None
+        bitops = sum(i.macs * i.bits[0] * i.bits[0] for i in layers if i.role != "fp")
+        self.register_buffer("bitops_per_sample", torch.tensor(float(bitops)))
+        layer_bits = [i.bits[0] for i in self.quantized_layers]
+        self.register_buffer("layer_bits", torch.tensor(layer_bits, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        B = x.shape[0]
+        bits = self.layer_bits.expand(B, -1)
+        self.last = ForwardRecord(bits, bits, self.bitops_per_sample.expand(B))
+        return out
+
+    def budget_loss(self) -> Tensor:
+        return self.bitops_per_sample.new_zeros(())
+
+
+def _plan(
+    model: nn.Module,
+    example_input: Tensor,
+    tap: str | None,
+    first_last: str,
+    exclude: tuple[str, ...],
+) -> tuple[list[LayerInfo], tuple[int, ...] | None]:
+    result = probe(model, example_input, tap)
+    if not result.layers:
+        raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    _assign_roles(result.layers, first_last, exclude)
+    return result.layers, result.tap_shape
+
+
+def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> DynamicQuantModel:
+    """A DQ model from ``model`` (a deep copy; the original is left untouched).
+
+    ``example_input`` (any batch size, on the model's device) drives the shape probe.
+    """
+    if not isinstance(spec, DynamicSpec):
+        raise TypeError("spec must be an instaquant.DynamicSpec")
+    model = copy.deepcopy(model)
+    spec = copy.deepcopy(spec)
+    spec.tap = spec.tap or default_tap(model)
+    layers, tap_shape = _plan(model, example_input, spec.tap, spec.first_last, spec.exclude)
+    if not any(i.role == "dynamic" for i in layers):
+        raise ValueError(
+            f"no quantizable layer runs after the tap {spec.tap!r}; pick an earlier tap"
+        )
+    unknown = set(spec.signed) - {i.name for i in layers}
+    if unknown:
+        raise ValueError(f"spec.signed names unknown layers: {', '.join(sorted(unknown))}")
+    for info in layers:
+        if info.role == "fp":
+            continue
+        if info.role == "dynamic":
+            info.bits = spec.bits
+        elif not info.bits:
+            info.bits = (spec.fixed_bits,)
+        signed = spec.signed.get(info.name, info.input_negative)
+        info.input_negative = signed
+        kw = {"share": spec.share}
+        if info.role == "dynamic":
+            kw["execution"] = spec.execution
+        _swap(model, info, spec.method, info.bits, signed, **kw)
+    if spec.budget.kind == "bitops":
+        cheapest = sum(i.macs * i.bits[0] ** 2 for i in layers if i.role == "static")
+        cheapest += sum(i.macs * spec.bits[0] ** 2 for i in layers if i.role == "dynamic")
+        if spec.budget.target(layers) < cheapest:
+            raise ValueError(
+                f"budget target {spec.budget.target(layers):.4g} BitOPs is below the cheapest "
+                f"choice ({cheapest:.4g}, every dynamic layer at {spec.bits[0]} bits): infeasible"
+            )
+    elif spec.budget.target_bits < spec.bits[0]:
+        raise ValueError(
+            f"budget target {spec.budget.target_bits} bits is below the cheapest candidate "
+            f"{spec.bits[0]}: infeasible"
+        )
+    features = tap_shape[0]
+    controller = BitController(
+        features,
+        num_layers=sum(i.role == "dynamic" for i in layers),
+        num_candidates=len(spec.bits),
+        hidden=spec.hidden,
+        dropout=spec.dropout,
+        separate=spec.separate,
+    )
+    first = next(model.parameters())
+    return DynamicQuantModel(model, controller, spec, layers, tap_shape).to(first.device)
+
+
+def static(
+    model: nn.Module,
+    method: str,
+    bits: int,
+    example_input: Tensor,
+    first_last: str = "fp",
+    exclude: tuple[str, ...] = (),
+    share: bool = False,
+    signed: dict[str, bool] | None = None,
+) -> StaticQuantModel:
+    """The fixed-bit baseline with the same full-precision/quantized layer choices as :func:`dynamic`."""
+    _check_bits((bits,), "bits")
+    _check_method(method, (bits,))
+    if first_last not in FIRST_LAST:
+        raise ValueError(
+            f"first_last {first_last!r} is not allowed; allowed: {', '.join(FIRST_LAST)}"
+        )
+    model = copy.deepcopy(model)
+    layers, _ = _plan(model, example_input, None, first_last, tuple(exclude))
+    signed = signed or {}
+    for info in layers:
+        if info.role == "fp":
+            continue
+        info.role = "static"
+        info.bits = info.bits or (bits,)
+        info.input_negative = signed.get(info.name, info.input_negative)
+        _swap(model, info, method, info.bits, info.input_negative, share=share)
+    return StaticQuantModel(model, layers, bits, method)

@@ -1,0 +1,218 @@
+"""Compute cost: MACs per layer from a shape probe, per-sample BitOPs, budgets and the regularizer.
+
+Convention: BitOPs ``= Σ MACs · b_w · b_a`` over the *quantized* layers (static and
+dynamic). Full-precision layers (by default the first conv and the last linear)
+are not counted in BitOPs; their MACs are reported separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+BITOPS_CONVENTION = (
+    "BitOPs = sum over quantized layers of MACs * weight bits * activation bits; "
+    "full-precision layers are not counted (their MACs are listed separately)"
+)
+BUDGET_KINDS = ("bitops", "bits")
+
+
+@dataclass
+class LayerInfo:
+    """One Conv2d/Linear as seen by the shape probe (MACs and params per sample)."""
+
+    name: str
+    op: str  # "conv" or "linear"
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    macs: int
+    params: int
+    input_negative: bool
+    order: int
+    before_tap: bool = False
+    role: str = "dynamic"  # "fp", "static" or "dynamic"
+    bits: tuple[int, ...] = ()
+
+
+@dataclass
+class ProbeResult:
+    layers: list[LayerInfo]
+    tap_shape: tuple[int, ...] | None = None
+
+
+def _macs(module: nn.Module, out: Tensor) -> int:
+    per_sample_out = out[0].numel()
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return per_sample_out * (module.in_channels // module.groups) * kh * kw
+    return per_sample_out * module.in_features
+
+
+def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> ProbeResult:
+    """Run ``example_input`` once (eval mode, no grad) and describe every Conv2d/Linear.
+
+    Layers are listed in execution order; ``before_tap`` marks those that ran before
+    the ``tap`` module finished. ``input_negative`` records whether the layer's input
+    held negative values, which selects a signed activation quantizer.
+    """
+    infos: dict[str, LayerInfo] = {}
+    order: list[str] = []
+    tap_shape: list[tuple[int, ...]] = []
+    handles = []
+    modules = dict(model.named_modules())
+    if tap is not None and tap not in modules:
+        raise ValueError(f"tap module {tap!r} not found in the model")
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: tuple, out: Tensor) -> None:
+            if name in infos:
+                raise ValueError(
+                    f"layer {name!r} runs twice in one forward; shared layers are not supported"
+                )
+            x = inputs[0]
+            infos[name] = LayerInfo(
+                name=name,
+                op="conv" if isinstance(module, nn.Conv2d) else "linear",
+                in_shape=tuple(x.shape[1:]),
+                out_shape=tuple(out.shape[1:]),
+                macs=_macs(module, out),
+                params=sum(p.numel() for p in module.parameters(recurse=False)),
+                input_negative=bool((x < 0).any()),
+                order=len(order),
+                before_tap=not tap_shape and tap is not None,
+            )
+            order.append(name)
+
+        return hook
+
+    def tap_hook(module: nn.Module, inputs: tuple, out: Tensor) -> None:
+        if not tap_shape:
+            tap_shape.append(tuple(out.shape[1:]))
+
+    for name, module in modules.items():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_hook(hook_for(name)))
+    if tap is not None:
+        handles.append(modules[tap].register_forward_hook(tap_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if tap is not None and not tap_shape:
+        raise ValueError(f"tap module {tap!r} did not run in the forward pass")
+    return ProbeResult([infos[n] for n in order], tap_shape[0] if tap_shape else None)
+
+
+def bitops_at(layers: list[LayerInfo], bits: float) -> float:
+    """BitOPs of the quantized layers (roles static/dynamic) all at ``bits`` for weights and inputs."""
+    return float(sum(info.macs for info in layers if info.role != "fp") * bits * bits)
+
+
+@dataclass
+class Budget:
+    """Compute budget and its hinge regularizer ``weight · max(0, cost − target)``.
+
+    ``kind="bitops"`` (paper): cost is the batch-mean BitOPs relative to the target,
+    the target being the static model at ``target_bits`` or ``target_bitops`` absolute.
+    ``kind="bits"`` (official code): cost is the mean chosen bit-width, target ``target_bits``.
+    """
+
+    kind: str = "bitops"
+    target_bits: float | None = 4.0
+    target_bitops: float | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ValueError(f"budget.kind {self.kind!r} is not allowed; allowed: bitops, bits")
+        if self.target_bitops is not None and self.kind == "bitops":
+            self.target_bits = None
+        if (self.target_bits is None) == (self.target_bitops is None):
+            raise ValueError("budget needs exactly one of target_bits or target_bitops")
+        if self.kind == "bits" and self.target_bits is None:
+            raise ValueError("budget.kind 'bits' needs target_bits")
+        if self.target_bits is not None and not 1 <= self.target_bits <= 8:
+            raise ValueError(f"budget.target_bits {self.target_bits} is outside 1..8")
+        if self.target_bitops is not None and self.target_bitops <= 0:
+            raise ValueError(f"budget.target_bitops must be > 0, got {self.target_bitops}")
+        if self.weight < 0:
+            raise ValueError(f"budget.weight must be >= 0, got {self.weight}")
+
+    def target(self, layers: list[LayerInfo]) -> float:
+        """The absolute BitOPs target for ``layers`` (kind ``bitops``)."""
+        if self.target_bitops is not None:
+            return float(self.target_bitops)
+        return bitops_at(layers, float(self.target_bits))
+
+    def loss(self, bitops: Tensor, mean_bits: Tensor, layers: list[LayerInfo]) -> Tensor:
+        """The hinge on the batch: ``bitops [B]``, ``mean_bits`` a scalar."""
+        if self.kind == "bits":
+            excess = mean_bits - self.target_bits
+        else:
+            excess = bitops.mean() / self.target(layers) - 1.0
+        return self.weight * torch.relu(excess)
+
+
+@dataclass
+class Profile:
+    """Per-layer cost table of a model (see :func:`profile`)."""
+
+    layers: list[LayerInfo]
+    controller_macs: int = 0
+    controller_params: int = 0
+    convention: str = BITOPS_CONVENTION
+
+    def bitops(self, bits: float) -> float:
+        return bitops_at(self.layers, bits)
+
+    def to_table(self) -> str:
+        head = f"{'layer':<32} {'kind':<8} {'MACs':>12} {'params':>10}  bits"
+        lines = [head, "-" * len(head)]
+        for info in self.layers:
+            bits = ",".join(map(str, info.bits)) if info.bits else "32 (fp)"
+            lines.append(
+                f"{info.name:<32} {info.role:<8} {info.macs:>12,} {info.params:>10,}  {bits}"
+            )
+        total = sum(i.macs for i in self.layers)
+        fp = sum(i.macs for i in self.layers if i.role == "fp")
+        lines.append("-" * len(head))
+        lines.append(f"total MACs {total:,} (full precision {fp:,}, quantized {total - fp:,})")
+        if self.controller_params:
+            lines.append(
+                f"bit controller: {self.controller_macs:,} MACs, {self.controller_params:,} params"
+            )
+        lines.append(self.convention)
+        return "\n".join(lines)
+
+
+def controller_cost(controller: nn.Module, tap_shape: tuple[int, ...]) -> tuple[int, int]:
+    """MACs (pooling counted as one add per input element) and params of the controller."""
+    pool = int(torch.tensor(tap_shape).prod()) if len(tap_shape) == 3 else 0
+    macs = pool + sum(
+        m.in_features * m.out_features for m in controller.modules() if isinstance(m, nn.Linear)
+    )
+    params = sum(p.numel() for p in controller.parameters())
+    return macs, params
+
+
+def profile(model: nn.Module, example_input: Tensor) -> Profile:
+    """Per-layer table: name, kind (fp/static/dynamic), MACs, params, candidate bits.
+
+    Works on a plain model (every layer listed as fp) and on the models returned by
+    :func:`instaquant.dynamic` / :func:`instaquant.static`, which also report the
+    bit controller's own MACs and params.
+    """
+    describe = getattr(model, "describe_layers", None)
+    if describe is not None:
+        return describe()
+    result = probe(model, example_input)
+    for info in result.layers:
+        info.role = "fp"
+    return Profile(result.layers)

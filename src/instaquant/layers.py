@@ -1,0 +1,280 @@
+"""Quantized layers: static (fixed bits) and dynamic (per-sample bits chosen by a selection).
+
+A dynamic layer holds one weight/activation quantizer over its K candidate
+bit-widths. Before each forward its owner sets ``layer.selection``: a one-hot
+``[B, K]`` tensor (joint weight/activation choice) or a pair ``(sel_w, sel_a)``
+(separate choices). Two executions give the same values:
+
+- ``reference``: the straight-through mixture of the paper and official code,
+  ``y = Σ_k m_k · op(Q^a_k(x), Q^w_k(W))`` (every branch computed).
+- ``fast``: without autograd (evaluation) each sample is routed to its selected
+  branch only, with quantized weights cached per candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quant.methods import Quantizer, make_activation_quantizer, make_weight_quantizer
+
+Selection = Tensor | tuple[Tensor, Tensor]
+EXECUTIONS = ("fast", "reference")
+
+
+def _broadcast(m: Tensor, like: Tensor) -> Tensor:
+    """Per-sample weights ``[B]`` shaped to multiply a ``[B, ...]`` tensor."""
+    return m.reshape(m.shape[0], *([1] * (like.dim() - 1)))
+
+
+class _QuantOp:
+    """What static and dynamic layers share: how to apply the layer to a quantized input/weight."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def op(self, x: Tensor, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class _ConvOp(_QuantOp, nn.Conv2d):
+    def op(self, x: Tensor, w: Tensor) -> Tensor:
+        return self._conv_forward(x, w, self.bias)
+
+
+class _LinearOp(_QuantOp, nn.Linear):
+    def op(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.linear(x, w, self.bias)
+
+
+def _copy_params(dst: nn.Module, src: nn.Module) -> None:
+    dst.weight = src.weight
+    if getattr(src, "bias", None) is not None:
+        dst.bias = src.bias
+
+
+def _place_like(weight: Tensor, *quantizers: nn.Module) -> None:
+    """Quantizer parameters on the layer's device and in its floating dtype."""
+    for q in quantizers:
+        q.to(device=weight.device, dtype=weight.dtype)
+
+
+def _conv_kwargs(conv: nn.Conv2d) -> dict:
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def _linear_kwargs(lin: nn.Linear) -> dict:
+    return dict(
+        in_features=lin.in_features, out_features=lin.out_features, bias=lin.bias is not None
+    )
+
+
+# --------------------------------------------------------------------------- static
+
+
+class _StaticMixin:
+    """Fixed bit-width: ``op(Q^a(x), Q^w(W))``."""
+
+    wq: Quantizer
+    aq: Quantizer
+    bits: int
+
+    def _setup(self, method: str, bits: int, signed_input: bool, share: bool) -> None:
+        self.bits = int(bits)
+        self.method = method
+        self.wq = make_weight_quantizer(method, (bits,), share)
+        self.aq = make_activation_quantizer(method, (bits,), signed_input, share)
+        _place_like(self.weight, self.wq, self.aq)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(self.aq(x, 0), self.wq(self.weight, 0))
+
+
+class QConv2d(_StaticMixin, _ConvOp):
+    """Conv2d with weights and input quantized at a fixed bit-width."""
+
+    @classmethod
+    def from_float(
+        cls, conv: nn.Conv2d, method: str, bits: int, signed_input: bool, share: bool = False
+    ) -> QConv2d:
+        layer = cls(**_conv_kwargs(conv), device=conv.weight.device, dtype=conv.weight.dtype)
+        _copy_params(layer, conv)
+        layer._setup(method, bits, signed_input, share)
+        return layer
+
+
+class QLinear(_StaticMixin, _LinearOp):
+    """Linear with weights and input quantized at a fixed bit-width."""
+
+    @classmethod
+    def from_float(
+        cls, lin: nn.Linear, method: str, bits: int, signed_input: bool, share: bool = False
+    ) -> QLinear:
+        layer = cls(**_linear_kwargs(lin), device=lin.weight.device, dtype=lin.weight.dtype)
+        _copy_params(layer, lin)
+        layer._setup(method, bits, signed_input, share)
+        return layer
+
+
+# --------------------------------------------------------------------------- dynamic
+
+
+class _DynamicMixin:
+    """Per-sample bit-width from ``self.selection`` (see the module docstring)."""
+
+    wq: Quantizer
+    aq: Quantizer
+    bits: tuple[int, ...]
+    selection: Selection | None
+    execution: str
+    op: Callable[[Tensor, Tensor], Tensor]
+
+    def _setup(
+        self, method: str, bits: tuple[int, ...], signed_input: bool, share: bool, execution: str
+    ) -> None:
+        self.bits = tuple(int(b) for b in bits)
+        self.method = method
+        self.wq = make_weight_quantizer(method, self.bits, share)
+        self.aq = make_activation_quantizer(method, self.bits, signed_input, share)
+        _place_like(self.weight, self.wq, self.aq)
+        self.selection = None
+        self.execution = execution
+
+    def _selection(self) -> tuple[Tensor, Tensor, bool]:
+        sel = self.selection
+        if sel is None:
+            raise RuntimeError(
+                "dynamic layer called without a selection: run it inside a DynamicQuantModel "
+                "or set layer.selection to a one-hot [B, K] tensor"
+            )
+        if isinstance(sel, tuple):
+            return sel[0], sel[1], False
+        return sel, sel, True
+
+    def forward(self, x: Tensor) -> Tensor:
+        sel_w, sel_a, joint = self._selection()
+        if sel_w.shape[0] != x.shape[0]:
+            raise RuntimeError(
+                f"selection has {sel_w.shape[0]} samples but the input has {x.shape[0]}"
+            )
+        if self.execution == "fast" and not (self.training and torch.is_grad_enabled()):
+            return self.routed_forward(x, sel_w, sel_a)
+        return self.reference_forward(x, sel_w, sel_a, joint)
+
+    def reference_forward(self, x: Tensor, sel_w: Tensor, sel_a: Tensor, joint: bool) -> Tensor:
+        """The straight-through mixture over all K branches (paper / official code)."""
+        K = len(self.bits)
+        if joint:
+            out = None
+            for k in range(K):
+                y = self.op(self.aq(x, k), self.wq(self.weight, k))
+                term = _broadcast(sel_w[:, k], y) * y
+                out = term if out is None else out + term
+            return out
+        x_mix = sum(_broadcast(sel_a[:, j], x) * self.aq(x, j) for j in range(K))
+        out = None
+        for i in range(K):
+            y = self.op(x_mix, self.wq(self.weight, i))
+            term = _broadcast(sel_w[:, i], y) * y
+            out = term if out is None else out + term
+        return out
+
+    def routed_forward(self, x: Tensor, sel_w: Tensor, sel_a: Tensor) -> Tensor:
+        """Each sample through its selected branch only (hard selections, no mixture gradient)."""
+        iw = sel_w.argmax(dim=-1)
+        ia = sel_a.argmax(dim=-1)
+        pair = iw * len(self.bits) + ia
+        groups = torch.unique(pair).tolist()
+        if len(groups) == 1:
+            k = groups[0]
+            return self.op(
+                self.aq(x, k % len(self.bits)), self.quantized_weight(k // len(self.bits))
+            )
+        out = None
+        for key in groups:
+            idx = (pair == key).nonzero(as_tuple=True)[0]
+            y = self.op(
+                self.aq(x.index_select(0, idx), key % len(self.bits)),
+                self.quantized_weight(key // len(self.bits)),
+            )
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.index_copy_(0, idx, y)
+        return out
+
+    def quantized_weight(self, k: int) -> Tensor:
+        """Candidate ``k``'s quantized weight, cached in evaluation mode."""
+        if self.training or torch.is_grad_enabled():
+            return self.wq(self.weight, k)
+        cache = self.__dict__.setdefault("_wcache", {})
+        # In-place updates (optimizer steps, load_state_dict) bump ``_version``.
+        tracked = (self.weight, *self.wq.parameters(), *self.wq.buffers())
+        key = tuple((t.data_ptr(), t._version) for t in tracked)
+        hit = cache.get(k)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        wq = self.wq(self.weight, k)
+        cache[k] = (key, wq)
+        return wq
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        self.__dict__.pop("_wcache", None)
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, execution={self.execution}"
+
+
+class DynamicQConv2d(_DynamicMixin, _ConvOp):
+    """Conv2d whose bit-width is chosen per sample."""
+
+    @classmethod
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        method: str,
+        bits: tuple[int, ...],
+        signed_input: bool,
+        share: bool = False,
+        execution: str = "fast",
+    ) -> DynamicQConv2d:
+        layer = cls(**_conv_kwargs(conv), device=conv.weight.device, dtype=conv.weight.dtype)
+        _copy_params(layer, conv)
+        layer._setup(method, bits, signed_input, share, execution)
+        return layer
+
+
+class DynamicQLinear(_DynamicMixin, _LinearOp):
+    """Linear whose bit-width is chosen per sample."""
+
+    @classmethod
+    def from_float(
+        cls,
+        lin: nn.Linear,
+        method: str,
+        bits: tuple[int, ...],
+        signed_input: bool,
+        share: bool = False,
+        execution: str = "fast",
+    ) -> DynamicQLinear:
+        layer = cls(**_linear_kwargs(lin), device=lin.weight.device, dtype=lin.weight.dtype)
+        _copy_params(layer, lin)
+        layer._setup(method, bits, signed_input, share, execution)
+        return layer
+
+
+DYNAMIC_LAYERS = (DynamicQConv2d, DynamicQLinear)
+STATIC_LAYERS = (QConv2d, QLinear)

@@ -1,0 +1,179 @@
+"""Quantizer modules: one per method and operand, holding learned parameters per candidate.
+
+A quantizer is built for a tuple of candidate bit-widths and called as
+``q(tensor, index)``, ``index`` being the candidate's position in that tuple.
+With ``share=True`` all candidates use one learned clip/step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F_q
+
+METHODS = ("dorefa", "pact", "lsq")
+
+
+class Quantizer(nn.Module):
+    """Base class: candidate bit-widths and the per-candidate parameter slot."""
+
+    def __init__(self, bits: tuple[int, ...], share: bool = False) -> None:
+        super().__init__()
+        self.bits = tuple(int(b) for b in bits)
+        self.share = share
+
+    @property
+    def num_slots(self) -> int:
+        return 1 if self.share else len(self.bits)
+
+    def slot(self, index: int) -> int:
+        return 0 if self.share else index
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, share={self.share}"
+
+
+class DoReFaWeight(Quantizer):
+    """DoReFa weight quantizer (no learned parameters)."""
+
+    def forward(self, w: Tensor, index: int) -> Tensor:
+        return F_q.dorefa_weight(w, self.bits[index])
+
+
+class DoReFaActivation(Quantizer):
+    """DoReFa activation quantizer: clamp to [0, 1] (or [-1, 1] when signed)."""
+
+    def __init__(self, bits: tuple[int, ...], signed: bool = False, share: bool = False) -> None:
+        super().__init__(bits, share)
+        self.signed = signed
+
+    def forward(self, x: Tensor, index: int) -> Tensor:
+        return F_q.dorefa_activation(x, self.bits[index], self.signed)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, signed={self.signed}"
+
+
+class _LazyInit(Quantizer):
+    """A quantizer whose parameter per slot is set from the first tensor it sees.
+
+    The ``initialized`` buffer travels with the state dict, so a loaded model is
+    never re-initialised.
+    """
+
+    def __init__(self, bits: tuple[int, ...], share: bool = False) -> None:
+        super().__init__(bits, share)
+        self.register_buffer("initialized", torch.zeros(self.num_slots, dtype=torch.bool))
+
+    def initial_value(self, v: Tensor, index: int) -> Tensor:
+        raise NotImplementedError
+
+    def maybe_init(self, param: nn.Parameter, v: Tensor) -> None:
+        """Set every slot at once on the first call (later in-place writes would break autograd)."""
+        if bool(self.initialized.all()):
+            return
+        with torch.no_grad():
+            for s in range(self.num_slots):
+                if not bool(self.initialized[s]):
+                    index = len(self.bits) // 2 if self.share else s
+                    param[s] = self.initial_value(v, index)
+            self.initialized.fill_(True)
+
+
+class PACTActivation(_LazyInit):
+    """PACT: learnable clip α per candidate, initialised from the first batch.
+
+    ``alpha_init`` fixes the initial α instead (the PACT paper uses 10).
+    """
+
+    def __init__(
+        self,
+        bits: tuple[int, ...],
+        signed: bool = False,
+        share: bool = False,
+        alpha_init: float | None = None,
+    ) -> None:
+        super().__init__(bits, share)
+        self.signed = signed
+        self.alpha = nn.Parameter(torch.full((self.num_slots,), alpha_init or 1.0))
+        if alpha_init is not None:
+            self.initialized.fill_(True)
+
+    def initial_value(self, v: Tensor, index: int) -> Tensor:
+        # A high quantile of |x| rather than its max: one outlier should not set the range.
+        flat = v.detach().abs().flatten().float()
+        stride = max(1, flat.numel() // (1 << 20))
+        return torch.quantile(flat[::stride], 0.999).clamp_min(1e-3)
+
+    def forward(self, x: Tensor, index: int) -> Tensor:
+        self.maybe_init(self.alpha, x)
+        alpha = self.alpha[self.slot(index)]
+        return F_q.pact_activation(x, alpha, self.bits[index], self.signed)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, signed={self.signed}"
+
+
+class LSQQuantizer(_LazyInit):
+    """LSQ for weights (signed) or activations (unsigned, or signed where inputs can be negative)."""
+
+    def __init__(self, bits: tuple[int, ...], signed: bool, share: bool = False) -> None:
+        super().__init__(bits, share)
+        self.signed = signed
+        for b in self.bits:
+            F_q.lsq_bounds(b, signed)  # fail early on signed 1-bit
+        self.step = nn.Parameter(torch.ones(self.num_slots))
+
+    def initial_value(self, v: Tensor, index: int) -> Tensor:
+        return F_q.lsq_init_step(v, self.bits[index], self.signed)
+
+    def forward(self, v: Tensor, index: int) -> Tensor:
+        self.maybe_init(self.step, v)
+        return F_q.lsq(v, self.step[self.slot(index)], self.bits[index], self.signed)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, signed={self.signed}"
+
+
+class LSQWeight(LSQQuantizer):
+    """LSQ weight quantizer (signed); the step is set from the weight on first use."""
+
+    def __init__(self, bits: tuple[int, ...], share: bool = False) -> None:
+        super().__init__(bits, signed=True, share=share)
+
+
+class LSQActivation(LSQQuantizer):
+    """LSQ activation quantizer; the step is set from the first batch it sees."""
+
+    def __init__(self, bits: tuple[int, ...], signed: bool = False, share: bool = False) -> None:
+        super().__init__(bits, signed=signed, share=share)
+
+
+def min_bits(method: str, operand: str, signed: bool = True) -> int:
+    """The smallest bit-width ``method`` supports for ``operand`` ('weight' or 'activation')."""
+    if method == "lsq" and (operand == "weight" or signed):
+        return 2
+    return 1
+
+
+def make_weight_quantizer(method: str, bits: tuple[int, ...], share: bool = False) -> Quantizer:
+    """The weight quantizer of ``method`` for candidate ``bits``."""
+    if method in ("dorefa", "pact"):
+        return DoReFaWeight(bits, share)
+    if method == "lsq":
+        return LSQWeight(bits, share)
+    raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(METHODS)}")
+
+
+def make_activation_quantizer(
+    method: str, bits: tuple[int, ...], signed: bool, share: bool = False
+) -> Quantizer:
+    """The activation quantizer of ``method`` for candidate ``bits``; ``signed`` for inputs < 0."""
+    if method == "dorefa":
+        return DoReFaActivation(bits, signed, share)
+    if method == "pact":
+        return PACTActivation(bits, signed, share)
+    if method == "lsq":
+        return LSQActivation(bits, signed, share)
+    raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(METHODS)}")

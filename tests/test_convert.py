@@ -1,0 +1,251 @@
+"""iq.dynamic / iq.static: determinism, per-sample routing, per-sample equivalence, conversions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import instaquant as iq
+from instaquant.layers import DynamicQConv2d, QConv2d, QLinear
+
+X32 = (1, 3, 32, 32)
+
+
+def _dq(method="pact", bits=(3, 4, 5), **kw):
+    fp = iq.models.resnet20(num_classes=10)
+    spec = iq.DynamicSpec(method=method, bits=bits, **kw)
+    return iq.dynamic(fp, spec, example_input=torch.randn(*X32))
+
+
+def _spread_controller(model, scale=3.0):
+    """Controller weights that make the choice depend strongly on the input."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lin in (model.controller.fc1, model.controller.fc2):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * scale)
+            lin.bias.zero_()
+
+
+def _varied_batch(n, seed=0):
+    """Inputs whose scale and offset differ per sample, so the tap features differ clearly."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.2, 3.0, n).view(n, 1, 1, 1)
+    shift = torch.randn(n, 3, 1, 1, generator=g)
+    return torch.randn(n, 3, 32, 32, generator=g) * scale + shift
+
+
+def _warm_up(model, x):
+    """One training forward so data-dependent quantizer parameters are initialised."""
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+
+
+def test_forward_record_and_budget_loss_backward():
+    model = _dq()
+    x = torch.randn(4, 3, 32, 32)
+    logits = model(x)
+    rec = model.last
+    L = len(model.dynamic_layers)
+    assert logits.shape == (4, 10)
+    assert rec.bits_w.shape == rec.bits_a.shape == (4, L) == (4, 12)
+    assert rec.bitops.shape == (4,) and rec.bitops.requires_grad
+    loss = F.cross_entropy(logits, torch.arange(4)) + model.budget_loss()
+    loss.backward()
+    assert model.controller.fc2.weight.grad.abs().sum() > 0
+    dyn = model.model.get_submodule("layer3.2.conv2")
+    assert dyn.weight.grad.abs().sum() > 0 and dyn.aq.alpha.grad.abs().sum() > 0
+
+
+def test_bitops_record_matches_chosen_bits():
+    model = _dq()
+    model.eval()
+    x = torch.randn(6, 3, 32, 32)
+    model(x)
+    rec = model.last
+    static = sum(i.macs * i.bits[0] ** 2 for i in model.layers if i.role == "static")
+    macs = torch.tensor([i.macs for i in model.dynamic_layers], dtype=torch.float64)
+    expected = (rec.bits_w.double() * rec.bits_a.double() * macs).sum(1) + static
+    torch.testing.assert_close(rec.bitops.double(), expected)
+
+
+def test_eval_is_deterministic_and_selections_depend_on_input():
+    model = _dq()
+    _spread_controller(model)
+    x = _varied_batch(16)
+    _warm_up(model, x)
+    y1, b1 = model(x), model.last.bits_w.clone()
+    y2, b2 = model(x), model.last.bits_w.clone()
+    torch.testing.assert_close(y1, y2, atol=0, rtol=0)
+    torch.testing.assert_close(b1, b2, atol=0, rtol=0)
+    distinct_rows = torch.unique(b1, dim=0).shape[0]
+    assert distinct_rows > 1, "different inputs should get different bit-widths"
+    assert set(b1.unique().tolist()) == {3.0, 4.0, 5.0}
+
+
+def _per_layer_static_copy(model, chosen_bits):
+    """The dynamic model's backbone with each dynamic layer replaced by a static layer at the
+    bits chosen for one sample, quantizer parameters copied from that candidate's slot."""
+    import copy
+
+    backbone = copy.deepcopy(model.model)
+    for handle in list(backbone.get_submodule(model.spec.tap)._forward_hooks):
+        backbone.get_submodule(model.spec.tap)._forward_hooks.pop(handle)
+    for info, bits in zip(model.dynamic_layers, chosen_bits, strict=True):
+        dyn = model.model.get_submodule(info.name)
+        k = dyn.bits.index(int(bits))
+        cls = QConv2d if isinstance(dyn, DynamicQConv2d) else QLinear
+        layer = cls.from_float(dyn, dyn.method, int(bits), dyn.aq.signed)
+        for name in ("alpha", "step"):
+            for src, dst in ((dyn.aq, layer.aq), (dyn.wq, layer.wq)):
+                if hasattr(src, name):
+                    getattr(dst, name).data[0] = getattr(src, name).data[k]
+                    dst.initialized.fill_(True)
+        parent, _, child = info.name.rpartition(".")
+        setattr(backbone.get_submodule(parent), child, layer)
+    return backbone.eval()
+
+
+@pytest.mark.parametrize("method", ["pact", "lsq", "dorefa"])
+@pytest.mark.parametrize("execution", ["fast", "reference"])
+def test_per_sample_equivalence_with_per_layer_static_model(method, execution):
+    # float64: a batch-of-8 and a batch-of-1 convolution differ by rounding noise, and in
+    # float32 that can flip a quantization level; in float64 it practically never does.
+    model = _dq(method=method, execution=execution).double()
+    _spread_controller(model)
+    x = _varied_batch(8).double()
+    _warm_up(model, x)
+    logits = model(x)
+    rec = model.last
+    assert torch.unique(rec.bits_w, dim=0).shape[0] > 1
+    for j in range(x.shape[0]):
+        alone = _per_layer_static_copy(model, rec.bits_w[j].tolist())(x[j : j + 1])
+        torch.testing.assert_close(logits[j : j + 1], alone, atol=1e-9, rtol=1e-9)
+        with model.forced_bits(rec.bits_w[j].tolist()):
+            forced = model(x[j : j + 1])
+        torch.testing.assert_close(logits[j : j + 1], forced, atol=1e-9, rtol=1e-9)
+
+
+def test_fast_and_reference_agree_in_eval():
+    model = _dq()
+    _spread_controller(model)
+    x = _varied_batch(8)
+    _warm_up(model, x)
+    fast = model(x)
+    for layer in model.dynamic_modules():
+        layer.execution = "reference"
+    ref = model(x)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_size_one_in_train_and_eval():
+    model = _dq()
+    x = torch.randn(1, 3, 32, 32)
+    model.train()
+    (model(x).sum() + model.budget_loss()).backward()
+    model.eval()
+    assert model(x).shape == (1, 10) and model.last.bits_w.shape == (1, 12)
+
+
+def test_separate_weight_and_activation_choice():
+    model = _dq(separate=True)
+    _spread_controller(model)
+    x = _varied_batch(8)
+    out = model(x)
+    assert model.last.selection.shape == (8, 12, 2, 3)
+    (out.sum() + model.budget_loss()).backward()
+    model.eval()
+    model(x)
+    assert (model.last.bits_w != model.last.bits_a).any()
+    static = sum(i.macs * i.bits[0] ** 2 for i in model.layers if i.role == "static")
+    macs = torch.tensor([i.macs for i in model.dynamic_layers], dtype=torch.float32)
+    expected = (model.last.bits_w * model.last.bits_a * macs).sum(1) + static
+    torch.testing.assert_close(model.last.bitops, expected)
+
+
+def test_sampling_in_eval_only_when_asked():
+    model = _dq(sample_in_eval=True)
+    model.eval()
+    x = torch.randn(32, 3, 32, 32)
+    model(x)
+    b1 = model.last.bits_w.clone()
+    model(x)
+    assert not torch.equal(b1, model.last.bits_w)
+
+
+def test_layer_roles_first_last_and_tap():
+    model = _dq()
+    roles = {i.name: i.role for i in model.layers}
+    assert roles["conv1"] == "fp" and roles["fc"] == "fp"
+    assert all(roles[n] == "static" for n in roles if n.startswith("layer1"))
+    assert all(roles[n] == "dynamic" for n in roles if n.startswith(("layer2", "layer3")))
+    assert isinstance(model.model.layer1[0].conv1, QConv2d)
+    assert model.model.layer1[0].conv1.bits == 4
+    assert isinstance(model.model.layer2[0].conv1, DynamicQConv2d)
+    assert type(model.model.conv1) is torch.nn.Conv2d
+
+    eight = _dq(first_last="8bit", exclude=("layer3.2.*",))
+    assert isinstance(eight.model.conv1, QConv2d) and eight.model.conv1.bits == 8
+    assert isinstance(eight.model.fc, QLinear) and eight.model.fc.bits == 8
+    assert type(eight.model.layer3[2].conv1) is torch.nn.Conv2d
+    assert len(eight.dynamic_layers) == 10
+
+
+def test_static_model_matches_dynamic_layer_choices():
+    fp = iq.models.resnet20()
+    qs = iq.static(fp, method="pact", bits=4, example_input=torch.randn(*X32))
+    roles = {i.name: i.role for i in qs.layers}
+    assert roles["conv1"] == "fp" and roles["fc"] == "fp"
+    assert sum(r == "static" for r in roles.values()) == 18
+    x = torch.randn(3, 3, 32, 32)
+    qs(x).sum().backward()
+    assert qs.last.bitops.shape == (3,)
+    assert float(qs.last.bitops[0]) == qs.static_bitops(4) == 40_108_032 * 16
+    assert fp.conv1.__class__ is torch.nn.Conv2d, "the user's model is left untouched"
+
+
+def test_budget_loss_hinge():
+    model = _dq(budget=iq.Budget(kind="bitops", target_bits=4, weight=2.0))
+    model.train()
+    model(torch.randn(4, 3, 32, 32))
+    rel = model.last.bitops.mean() / model.static_bitops(4)
+    torch.testing.assert_close(model.budget_loss(), 2.0 * torch.relu(rel - 1))
+    bits_model = _dq(budget=iq.Budget(kind="bits", target_bits=3.5, weight=0.5))
+    bits_model(torch.randn(4, 3, 32, 32))
+    mean_bits = bits_model.last.bits_w.mean()
+    torch.testing.assert_close(bits_model.budget_loss(), 0.5 * torch.relu(mean_bits - 3.5))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=()), "bits is empty"),
+        (dict(bits=(3, 9)), "allowed: integers 1..8"),
+        (dict(bits=(0, 4)), "allowed: integers 1..8"),
+        (dict(bits=(4, 4)), "repeats"),
+        (dict(method="foo"), "allowed: dorefa, pact, lsq"),
+        (dict(method="lsq", bits=(1, 2)), "needs bits >= 2"),
+        (dict(first_last="none"), "allowed: fp, 8bit, quantize"),
+    ],
+)
+def test_bad_spec_gives_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        iq.DynamicSpec(**kwargs)
+
+
+def test_bad_budget_and_tap():
+    with pytest.raises(ValueError, match="allowed: bitops, bits"):
+        iq.Budget(kind="flops")
+    with pytest.raises(ValueError, match="infeasible"):
+        _dq(budget=iq.Budget(target_bits=2))
+    with pytest.raises(ValueError, match="not found"):
+        _dq(tap="layer9")
+
+
+def test_single_candidate_works_as_static():
+    model = _dq(bits=(4,))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    model(x)
+    assert (model.last.bits_w == 4).all()
+    torch.testing.assert_close(model.last.bitops, torch.full((2,), model.static_bitops(4)))

@@ -49,11 +49,15 @@ class BitController(nn.Module):
 def select(logits: Tensor, tau: float, training: bool, sample_in_eval: bool = False) -> Tensor:
     """One-hot choice over the last dimension.
 
-    Training (or ``sample_in_eval``): hard Gumbel-Softmax with temperature ``tau``,
-    straight-through to the soft sample. Evaluation: argmax, deterministic.
+    Training (or ``sample_in_eval``): hard Gumbel-Softmax, straight-through to the soft
+    sample. The temperature divides the logits before the Gumbel noise is added, so
+    the sampled choices follow ``softmax(logits / tau)``: annealing ``tau`` towards 0
+    makes training choose what the deterministic argmax of evaluation chooses (with
+    the usual form, ``softmax((logits + g) / tau)``, the hard samples ignore ``tau``).
+    At ``tau = 1`` both forms are the same. Evaluation: argmax, deterministic.
     """
     if training or sample_in_eval:
-        return F.gumbel_softmax(logits, tau=tau, hard=True, dim=-1)
+        return F.gumbel_softmax(logits / tau, tau=1.0, hard=True, dim=-1)
     index = logits.argmax(dim=-1)
     return F.one_hot(index, logits.shape[-1]).to(logits.dtype)
 

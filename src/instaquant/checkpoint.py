@@ -1,0 +1,69 @@
+"""Checkpoints: plain types only, written atomically, loaded with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import UserError
+
+FORMAT = "instaquant-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | Path, **fields: Any) -> None:
+    atomic_save({"format": FORMAT, "version": VERSION, **fields}, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, unsafe types...
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is unreadable or corrupted ({type(err).__name__}); "
+            "use an earlier checkpoint (best.pt / last.pt)"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not an instaquant checkpoint")
+    return ckpt

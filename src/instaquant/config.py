@@ -1,0 +1,279 @@
+"""Run configuration: nested dataclasses loaded from YAML, with ``key=value`` overrides.
+
+Every key is checked: an unknown key or a bad value raises :class:`ConfigError`,
+a one-line message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cost import BUDGET_KINDS
+
+RECIPES = ("fp", "static", "dynamic")
+SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; the CLI prints it as one line, exit status 2."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"
+    pretrained: bool = False
+    init: str | None = None  # full-precision checkpoint of ours (run dir or .pt) to start from
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: str = "data"
+    download: bool = False
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    image_size: int | None = None  # default: the dataset's own (8, 32, or 224 for imagefolder)
+    limit: int | None = None  # use only this many train and test images (quick runs)
+    augment: bool = True
+    workers: int = 4  # for streamed (large) image folders only
+    cache: str = "auto"  # auto | yes | no: decode an image folder once into a tensor file
+    cache_dir: str | None = None  # default ~/.cache/instaquant
+
+
+@dataclass
+class QuantConfig:
+    method: str = "pact"
+    bits: list[int] = field(default_factory=lambda: [3, 4, 5])
+    tap: str | None = None
+    fixed_bits: int | None = None
+    first_last: str = "fp"
+    exclude: list[str] = field(default_factory=list)
+    separate: bool = False
+    share: bool = False
+    hidden: int = 128
+    dropout: float = 0.1
+    tau: float = 1.0
+    tau_final: float | None = None
+    sample_in_eval: bool = False
+    execution: str = "fast"
+
+
+@dataclass
+class BudgetConfig:
+    kind: str = "bitops"
+    target_bits: float | None = 4.0
+    target_bitops: float | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    quant_weight_decay: float | None = None  # clip/step parameters: none unless asked
+    controller_lr_scale: float = 1.0
+    schedule: str = "cosine"
+    milestones: list[float] = field(default_factory=list)  # epochs (may be fractional)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    recipe: str = "dynamic"
+    seed: int = 0
+    epochs: int = 1
+    device: str = "auto"
+    out: str | None = None  # default runs/<name>
+    reference_bits: int | None = None  # relative BitOPs reference; default the middle candidate
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def ref_bits(self) -> int:
+        bits = sorted(self.quant.bits)
+        return self.reference_bits or bits[len(bits) // 2]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int promotes to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        allowed = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"config key {key!r}: {value!r} is not a {allowed}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key {key!r}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or 'root'!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            allowed = ", ".join(prefix + k for k in fields)
+            raise ConfigError(f"unknown config key {prefix + key!r}; allowed: {allowed}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["epochs=1", "data.limit=512"]`` to a nested dict, values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """A validated :class:`Config` from a plain dict plus ``key=value`` overrides."""
+    data = _merge(data or {}, parse_overrides(overrides or []))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file and apply overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    return from_dict(data, overrides)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key {key!r}: {value!r} is not allowed; allowed: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; the quantization spec itself is checked when the model is built."""
+    from .quant.methods import METHODS
+
+    _one_of("recipe", cfg.recipe, RECIPES)
+    _one_of("data.name", cfg.data.name, DATASETS)
+    _one_of("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    _one_of("budget.kind", cfg.budget.kind, BUDGET_KINDS)
+    _one_of("data.cache", cfg.data.cache, ("auto", "yes", "no"))
+    _one_of("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))
+    if cfg.recipe != "fp":
+        _one_of("quant.method", cfg.quant.method, METHODS)
+    bits = cfg.quant.bits
+    if not bits:
+        raise ConfigError("config key 'quant.bits' is empty; give at least one bit-width in 1..8")
+    for b in bits:
+        if not 1 <= b <= 8:
+            raise ConfigError(f"config key 'quant.bits': {b} is outside the allowed range 1..8")
+    if cfg.recipe == "static" and len(bits) != 1:
+        raise ConfigError(f"recipe 'static' takes one bit-width in quant.bits, got {bits}")
+    if cfg.epochs < 1:
+        raise ConfigError(f"config key 'epochs': {cfg.epochs} must be >= 1")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        raise ConfigError(f"config key 'data.limit': {cfg.data.limit} must be >= 1")
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(cfg.data, key) < 1:
+            raise ConfigError(f"config key 'data.{key}' must be >= 1")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr': {cfg.optim.lr} must be > 0")
+    if cfg.reference_bits is not None and not 1 <= cfg.reference_bits <= 8:
+        raise ConfigError(f"config key 'reference_bits': {cfg.reference_bits} is outside 1..8")

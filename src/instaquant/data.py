@@ -1,0 +1,462 @@
+"""Datasets: digits (embedded), cifar10/cifar100 (torchvision), imagefolder (ImageNet layout).
+
+Small datasets are decoded once and kept as one uint8 (or float) tensor; batches
+are augmented on tensors (padded random crop + flip, or random resized crop), so
+no JPEG is decoded twice. Large image folders are streamed through a DataLoader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import DataConfig, UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Image folders with at most this many pixels per image are cached as tensors by default.
+SMALL_IMAGE_PIXELS = 64 * 64
+
+
+class DataError(UserError):
+    pass
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: list[str]
+
+
+@dataclass
+class TensorData:
+    """Decoded images ``[N, C, H, W]`` (uint8 0..255 or float 0..1) and labels ``[N]``."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def subset(self, limit: int | None, seed: int = 0) -> TensorData:
+        if limit is None or limit >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:limit]
+        idx = idx.sort().values
+        return TensorData(self.images[idx], self.labels[idx])
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def random_crop_flip(x: Tensor, pad: int, flip: bool, gen: torch.Generator) -> Tensor:
+    """Per-sample padded random crop (zero padding) and horizontal flip of a batch."""
+    B, _, H, W = x.shape
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
+        ox = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
+        rows = (oy[:, None] + torch.arange(H)).view(B, 1, H, 1)
+        cols = (ox[:, None] + torch.arange(W)).view(B, 1, 1, W)
+        batch = torch.arange(B).view(B, 1, 1, 1)
+        chan = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+        x = xp[batch, chan, rows, cols]
+    if flip:
+        mask = torch.rand(B, generator=gen) < 0.5
+        x = torch.where(mask.view(B, 1, 1, 1), x.flip(-1), x)
+    return x
+
+
+def random_resized_crop_flip(x: Tensor, size: int, gen: torch.Generator) -> Tensor:
+    """RandomResizedCrop (scale 0.08..1, ratio 3/4..4/3) and flip, per sample, on tensors."""
+    B, C, H, W = x.shape
+    out = x.new_empty((B, C, size, size), dtype=torch.float32)
+    for i in range(B):
+        h, w = H, W
+        for _ in range(10):
+            area = H * W * float(torch.empty(1).uniform_(0.08, 1.0, generator=gen))
+            logr = torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
+            ratio = float(torch.exp(logr))
+            w_try, h_try = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < w_try <= W and 0 < h_try <= H:
+                h, w = h_try, w_try
+                break
+        top = int(torch.randint(0, H - h + 1, (1,), generator=gen))
+        left = int(torch.randint(0, W - w + 1, (1,), generator=gen))
+        crop = x[i : i + 1, :, top : top + h, left : left + w].float()
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
+        if bool(torch.rand(1, generator=gen) < 0.5):
+            crop = crop.flip(-1)
+        out[i] = crop[0]
+    return out
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+class TensorLoader:
+    """Batches of an in-memory dataset, augmented and normalized on the fly.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees
+    exactly the batches an uninterrupted one would. ``rank``/``world`` shard it for DDP.
+    """
+
+    def __init__(
+        self,
+        data: TensorData,
+        info: DatasetInfo,
+        batch_size: int,
+        train: bool,
+        augment: bool = True,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.data, self.info = data, info
+        self.batch_size, self.train, self.augment = batch_size, train, augment and train
+        self.seed, self.device, self.rank, self.world = seed, torch.device(device), rank, world
+        self.epoch = 0
+        self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std).view(1, -1, 1, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> Tensor:
+        n = len(self.data)
+        if self.train:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=gen)
+            usable = (n // self.world) * self.world  # equal shards: DDP steps stay in lockstep
+            return order[:usable][self.rank :: self.world]
+        return torch.arange(n)[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        return (
+            n // self.batch_size
+            if self.train and n >= self.batch_size
+            else math.ceil(n / self.batch_size)
+        )
+
+    def _prepare(self, images: Tensor, gen: torch.Generator) -> Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        size = self.info.image_size
+        if self.augment:
+            if size > 64:
+                x = random_resized_crop_flip(x, size, gen)
+            else:
+                flip = self.info.name != "digits"  # a mirrored digit is another symbol
+                x = random_crop_flip(x, max(1, size // 8), flip, gen)
+        elif x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        idx = self._indices()
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7)
+        drop_last = self.train and len(idx) >= self.batch_size
+        stop = len(idx) - (len(idx) % self.batch_size if drop_last else 0)
+        for start in range(0, stop, self.batch_size):
+            b = idx[start : start + self.batch_size]
+            x = self._prepare(self.data.images[b], gen)
+            yield x.to(self.device), self.data.labels[b].to(self.device)
+
+
+class StreamLoader:
+    """A large image folder read through torchvision's ImageFolder and a DataLoader."""
+
+    def __init__(self, root: Path, info: DatasetInfo, cfg: DataConfig, train: bool, seed: int,
+                 device: torch.device | str, rank: int = 0, world: int = 1) -> None:  # fmt: skip
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+
+        size = info.image_size
+        norm = T.Normalize(info.mean, info.std)
+        if train and cfg.augment:
+            tf = T.Compose(
+                [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]
+            )
+        else:
+            tf = T.Compose(
+                [T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm]
+            )
+        self.dataset = ImageFolder(str(root), transform=tf)
+        if cfg.limit is not None and cfg.limit < len(self.dataset):
+            gen = torch.Generator().manual_seed(0)
+            keep = torch.randperm(len(self.dataset), generator=gen)[: cfg.limit].sort().values
+            self.dataset = torch.utils.data.Subset(self.dataset, keep.tolist())
+        self.sampler = torch.utils.data.distributed.DistributedSampler(
+            self.dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed
+        )
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+            sampler=self.sampler,
+            num_workers=min(cfg.workers, os.cpu_count() or 1),
+            drop_last=train,
+            pin_memory=torch.device(device).type == "cuda",
+        )
+        self.device = torch.device(device)
+        self.info = info
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def load_digits() -> tuple[TensorData, TensorData, DatasetInfo]:
+    """scikit-learn's bundled 8x8 digits (1797 images), a fixed 80/20 split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    n_test = len(labels) // 5
+    test_idx, train_idx = order[:n_test].sort().values, order[n_test:].sort().values
+    train = TensorData(images[train_idx], labels[train_idx])
+    test = TensorData(images[test_idx], labels[test_idx])
+    mean = float(train.images.mean())
+    std = float(train.images.std())
+    info = DatasetInfo("digits", 10, 1, 8, (mean,), (std,), [str(i) for i in range(10)])
+    return train, test, info
+
+
+def load_cifar(name: str, root: str, download: bool) -> tuple[TensorData, TensorData, DatasetInfo]:
+    """CIFAR-10/100 through torchvision (the python pickles), kept as uint8 tensors."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    try:
+        splits = [cls(root, train=t, download=download) for t in (True, False)]
+    except RuntimeError as err:
+        raise DataError(
+            f"{label} not found under {root!r} ({err}); run with data.download=true "
+            f"(needs internet once) or set data.root to the folder holding it"
+        ) from None
+    except OSError as err:
+        raise DataError(
+            f"{label} could not be downloaded to {root!r} ({type(err).__name__}); "
+            "download it on a machine with internet and copy it there"
+        ) from None
+    parts = []
+    for ds in splits:
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        parts.append(TensorData(images, torch.tensor(ds.targets, dtype=torch.long)))
+    classes = list(splits[0].classes)
+    info = DatasetInfo(name, len(classes), 3, 32, CIFAR_MEAN, CIFAR_STD, classes)
+    return parts[0], parts[1], info
+
+
+def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int]], int]:
+    """Class names, (path, label) pairs and the number of non-image files skipped."""
+    if not folder.is_dir():
+        raise DataError(f"image folder {str(folder)!r} does not exist")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"image folder {str(folder)!r} has no class sub-folders (expected <class>/<image>)"
+        )
+    items, skipped = [], 0
+    for label, cls in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(folder / cls)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    items.append((os.path.join(dirpath, f), label))
+                elif not f.startswith("."):
+                    skipped += 1
+    if not items:
+        raise DataError(
+            f"image folder {str(folder)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return classes, items, skipped
+
+
+def _decode(path: str, size: int) -> Tensor:
+    """One image as uint8 ``[3, size, size]``: shorter side resized to ``size``, centre crop."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            w, h = img.size
+            scale = size / min(w, h)
+            img = img.resize(
+                (max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR
+            )
+            left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def _decode_all(items: list[tuple[str, int]], size: int, desc: str) -> tuple[TensorData, int]:
+    """Decode and resize every image once; unreadable files are skipped and counted."""
+    from PIL import UnidentifiedImageError
+    from tqdm import tqdm
+
+    images = torch.empty((len(items), 3, size, size), dtype=torch.uint8)
+    labels = torch.empty(len(items), dtype=torch.long)
+    n, bad = 0, 0
+    for path, label in tqdm(items, desc=desc, unit="img", leave=False, mininterval=1.0):
+        try:
+            images[n] = _decode(path, size)
+        except (OSError, UnidentifiedImageError, ValueError):
+            bad += 1
+            continue
+        labels[n] = label
+        n += 1
+    return TensorData(images[:n].clone(), labels[:n].clone()), bad
+
+
+def _cache_path(cfg: DataConfig, split: Path, size: int, items: list) -> Path:
+    root = Path(cfg.cache_dir or Path.home() / ".cache" / "instaquant")
+    stamp = f"{split.resolve()}|{size}|{len(items)}|{items[0][0]}|{items[-1][0]}|{os.path.getmtime(items[-1][0])}"
+    return root / f"imagefolder-{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.pt"
+
+
+def _load_split(cfg: DataConfig, split: Path, size: int, seed: int) -> tuple[TensorData, list[str]]:
+    from .checkpoint import atomic_save
+
+    classes, items, skipped = _scan(split)
+    if cfg.limit is not None and cfg.limit < len(items):
+        keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[
+            : cfg.limit
+        ]
+        items = [items[i] for i in keep.sort().values.tolist()]
+    if skipped:
+        warnings.warn(f"{split}: skipped {skipped} non-image files", stacklevel=2)
+    cache = _cache_path(cfg, split, size, items)
+    if cache.is_file():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return TensorData(blob["images"], blob["labels"]), classes
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            cache.unlink(missing_ok=True)
+    data, bad = _decode_all(items, size, f"decoding {split.name}")
+    if bad:
+        warnings.warn(f"{split}: skipped {bad} unreadable image files", stacklevel=2)
+    if len(data) == 0:
+        raise DataError(f"image folder {str(split)!r}: no image could be decoded")
+    try:
+        atomic_save({"images": data.images, "labels": data.labels}, cache)
+    except OSError:
+        pass  # caching is an optimisation; a read-only home is fine
+    return data, classes
+
+
+def image_folder_splits(root: Path) -> tuple[Path, Path]:
+    train = root / "train"
+    for name in ("val", "test"):
+        if (root / name).is_dir():
+            return train, root / name
+    raise DataError(f"image folder {str(root)!r} needs train/ and val/ (or test/) sub-folders")
+
+
+def _native_size(folder: Path) -> int:
+    """Default image size of a folder: its first image's shorter side when small, else 224."""
+    from PIL import Image
+
+    _, items, _ = _scan(folder)
+    with Image.open(items[0][0]) as img:
+        side = min(img.size)
+    return side if side * side <= SMALL_IMAGE_PIXELS else 224
+
+
+def _should_cache(cfg: DataConfig, size: int) -> bool:
+    if cfg.cache == "auto":
+        return size * size <= SMALL_IMAGE_PIXELS
+    return cfg.cache == "yes"
+
+
+def build_loaders(
+    cfg: DataConfig, seed: int, device: torch.device | str, rank: int = 0, world: int = 1
+) -> tuple[TensorLoader | StreamLoader, TensorLoader | StreamLoader, DatasetInfo]:
+    """Train and test loaders for ``cfg`` (``rank``/``world`` shard them for DDP)."""
+    kw = dict(seed=seed, device=device, rank=rank, world=world)
+    if cfg.name == "imagefolder":
+        root = Path(cfg.root)
+        train_dir, test_dir = image_folder_splits(root)
+        size = cfg.image_size or _native_size(train_dir)
+        if not _should_cache(cfg, size):
+            classes, _, _ = _scan(train_dir)
+            test_classes, _, _ = _scan(test_dir)
+            _check_same_classes(classes, test_classes, train_dir, test_dir)
+            info = DatasetInfo(
+                "imagefolder", len(classes), 3, size, IMAGENET_MEAN, IMAGENET_STD, classes
+            )
+            return (
+                StreamLoader(train_dir, info, cfg, True, **kw),
+                StreamLoader(test_dir, info, cfg, False, **kw),
+                info,
+            )
+        train, classes = _load_split(cfg, train_dir, size, seed=0)
+        test, test_classes = _load_split(cfg, test_dir, size, seed=1)
+        _check_same_classes(classes, test_classes, train_dir, test_dir)
+        mean, std = (CIFAR_MEAN, CIFAR_STD) if size <= 32 else (IMAGENET_MEAN, IMAGENET_STD)
+        info = DatasetInfo("imagefolder", len(classes), 3, size, mean, std, classes)
+    else:
+        if cfg.name == "digits":
+            train, test, info = load_digits()
+        else:
+            train, test, info = load_cifar(cfg.name, cfg.root, cfg.download)
+        train, test = train.subset(cfg.limit, seed=0), test.subset(cfg.limit, seed=1)
+        if cfg.image_size and cfg.image_size != info.image_size:
+            info.image_size = cfg.image_size
+    return (
+        TensorLoader(train, info, cfg.batch_size, True, cfg.augment, **kw),
+        TensorLoader(test, info, cfg.eval_batch_size, False, **kw),
+        info,
+    )
+
+
+def _check_same_classes(a: list[str], b: list[str], da: Path, db: Path) -> None:
+    if a != b:
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise DataError(
+            f"class folders differ between {str(da)!r} and {str(db)!r}: only in train "
+            f"{only_a[:5]}, only in test {only_b[:5]}"
+        )
+
+
+def describe(cfg: DataConfig) -> DatasetInfo:
+    """The dataset's shape (classes, channels, size) without loading any image."""
+    if cfg.name == "digits":
+        info = DatasetInfo("digits", 10, 1, 8, (0.0,), (1.0,), [])
+    elif cfg.name in ("cifar10", "cifar100"):
+        classes = 10 if cfg.name == "cifar10" else 100
+        info = DatasetInfo(cfg.name, classes, 3, 32, CIFAR_MEAN, CIFAR_STD, [])
+    else:
+        train = Path(cfg.root) / "train"
+        n = sum(1 for d in train.iterdir() if d.is_dir()) if train.is_dir() else 1000
+        info = DatasetInfo("imagefolder", n, 3, 224, IMAGENET_MEAN, IMAGENET_STD, [])
+    if cfg.image_size:
+        info.image_size = cfg.image_size
+    return info

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import functional as F_q
 
-METHODS = ("dorefa", "pact", "lsq")
+METHODS = ("dorefa", "pact", "lsq", "lqnets")
 
 
 class Quantizer(nn.Module):
@@ -154,7 +154,7 @@ def min_bits(method: str, operand: str, signed: bool = True) -> int:
     """The smallest bit-width ``method`` supports for ``operand`` ('weight' or 'activation')."""
     if method == "lsq" and (operand == "weight" or signed):
         return 2
-    return 1
+    return 1  # LQ-Nets: one basis element gives the two levels ±v (or 0, v)
 
 
 def make_weight_quantizer(method: str, bits: tuple[int, ...], share: bool = False) -> Quantizer:
@@ -163,6 +163,10 @@ def make_weight_quantizer(method: str, bits: tuple[int, ...], share: bool = Fals
         return DoReFaWeight(bits, share)
     if method == "lsq":
         return LSQWeight(bits, share)
+    if method == "lqnets":
+        from .lqnets import LQNetsWeight  # lqnets builds on Quantizer above
+
+        return LQNetsWeight(bits, share)
     raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(METHODS)}")
 
 
@@ -176,4 +180,8 @@ def make_activation_quantizer(
         return PACTActivation(bits, signed, share)
     if method == "lsq":
         return LSQActivation(bits, signed, share)
+    if method == "lqnets":
+        from .lqnets import LQNetsActivation
+
+        return LQNetsActivation(bits, signed, share)
     raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(METHODS)}")

@@ -181,3 +181,11 @@ def test_cli_eval_missing_checkpoint_and_cost(tmp_path, capsys):
     assert main(["cost", "-c", str(ROOT / "configs/cifar10_resnet20_pact_dq.yaml")]) == 0
     out = capsys.readouterr().out
     assert "layer3.2.conv2" in out and "full-precision layers are not counted" in out
+
+
+def test_demo_config_file_matches_the_demo():
+    from instaquant.demo import digits_dq_dict
+
+    in_code = C.from_dict(digits_dq_dict(Path("runs/demo")))
+    in_file = C.load(ROOT / "configs/digits_demo.yaml")
+    assert in_file == in_code

@@ -64,6 +64,7 @@ class QuantConfig:
     share: bool = False
     hidden: int = 128
     dropout: float = 0.1
+    controller_norm: bool = True
     tau: float = 1.0
     tau_final: float | None = None
     sample_in_eval: bool = False

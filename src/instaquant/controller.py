@@ -8,11 +8,16 @@ from torch import Tensor, nn
 
 
 class BitController(nn.Module):
-    """``pool → flatten → Linear → ReLU → Dropout → Linear`` giving logits ``[B, L, K]``.
+    """``pool → flatten → standardize → Linear → ReLU → Dropout → Linear``: logits ``[B, L, K]``.
 
     With ``separate=True`` weights and activations get their own choice: ``[B, L, 2, K]``
     (index 0 weights, 1 activations). Adaptive pooling makes it independent of the
     input resolution.
+
+    ``normalize`` standardizes the pooled features (batch norm without affine, running
+    statistics in evaluation). Pooled features of different images share a large
+    common part; without it the per-image differences are tiny next to the
+    logits' bias, and the controller tends to give every image the same bits.
     """
 
     def __init__(
@@ -23,12 +28,14 @@ class BitController(nn.Module):
         hidden: int = 128,
         dropout: float = 0.1,
         separate: bool = False,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         self.num_layers = num_layers
         self.num_candidates = num_candidates
         self.separate = separate
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.norm = nn.BatchNorm1d(in_features, affine=False) if normalize else None
         self.fc1 = nn.Linear(in_features, hidden)
         self.dropout = nn.Dropout(dropout)
         outputs = num_layers * (2 if separate else 1) * num_candidates
@@ -41,6 +48,17 @@ class BitController(nn.Module):
         if features.dim() == 4:
             features = self.pool(features)
         h = torch.flatten(features, 1)
+        if self.norm is not None:
+            # A single image has no batch statistics: use the running ones.
+            use_batch = self.training and h.shape[0] > 1
+            h = F.batch_norm(
+                h,
+                self.norm.running_mean,
+                self.norm.running_var,
+                training=use_batch,
+                momentum=self.norm.momentum,
+                eps=self.norm.eps,
+            )
         h = self.dropout(F.relu(self.fc1(h)))
         per_layer = (2, self.num_candidates) if self.separate else (self.num_candidates,)
         return self.fc2(h).reshape(h.shape[0], self.num_layers, *per_layer)

@@ -47,7 +47,7 @@ def _check_method(method: str, bits: tuple[int, ...]) -> None:
 class DynamicSpec:
     """Everything :func:`dynamic` needs to know. Validated on construction.
 
-    method: quantizer (dorefa, pact, lsq). bits: candidate bit-widths, ascending.
+    method: quantizer (dorefa, pact, lsq, lqnets). bits: candidate bit-widths, ascending.
     budget: compute budget and regularizer weight. tap: module whose output feeds the
     controller (default ``layer1``, or ``features.3`` for MobileNet-style models).
     fixed_bits: bit-width of quantized layers up to the tap (default: middle candidate).
@@ -56,6 +56,8 @@ class DynamicSpec:
     exclude: fnmatch patterns of layer names kept full precision.
     separate: choose weight and activation bits separately. share: one learned clip/step
     for all candidates. signed: per-layer override of the signed-activation detection.
+    hidden, dropout, controller_norm: the controller's width, dropout and whether it
+    standardizes its pooled input features (see :class:`BitController`).
     tau, tau_final: Gumbel temperature (annealed by the trainer when tau_final is set).
     sample_in_eval: Gumbel sampling also in evaluation (official-code behaviour).
     execution: ``fast`` (routed inference) or ``reference`` (mixture over all branches).
@@ -73,6 +75,7 @@ class DynamicSpec:
     signed: dict[str, bool] = field(default_factory=dict)
     hidden: int = 128
     dropout: float = 0.1
+    controller_norm: bool = True
     tau: float = 1.0
     tau_final: float | None = None
     sample_in_eval: bool = False
@@ -405,6 +408,7 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
         hidden=spec.hidden,
         dropout=spec.dropout,
         separate=spec.separate,
+        normalize=spec.controller_norm,
     )
     first = next(model.parameters())
     return DynamicQuantModel(model, controller, spec, layers, tap_shape).to(first.device)

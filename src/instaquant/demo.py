@@ -60,7 +60,7 @@ def digits_dq_dict(out: Path) -> dict[str, Any]:
         "recipe": "dynamic",
         "epochs": 12,
         "model": {"name": "digits_net", "init": str(out / "fp")},
-        "quant": {"method": METHOD, "bits": CANDIDATES, "tau": 1.0, "tau_final": 0.5},
+        "quant": {"method": METHOD, "bits": CANDIDATES, "tau": 1.0, "tau_final": 0.2},
         "budget": {"kind": "bitops", "target_bits": middle, "weight": 2.0},
         "optim": {"lr": 0.02, "schedule": "cosine", "weight_decay": 1e-4},
     }

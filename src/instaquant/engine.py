@@ -60,6 +60,7 @@ def spec_from_config(cfg: Config, signed: dict[str, bool] | None = None) -> Dyna
         signed=dict(signed or {}),
         hidden=q.hidden,
         dropout=q.dropout,
+        controller_norm=q.controller_norm,
         tau=q.tau,
         tau_final=q.tau_final,
         sample_in_eval=q.sample_in_eval,

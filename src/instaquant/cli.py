@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", help="run folders (or summary.json files)")
     c.add_argument("--plot", default="accuracy_vs_bitops.png", help="PNG to write")
 
+    r = sub.add_parser("report", help="per-sample analysis, plots and report.html of a run")
+    r.add_argument("run", help="run folder of a static or dynamic run")
+    r.add_argument("--fp", help="full-precision run on the same data (difficulty = its loss)")
+    r.add_argument(
+        "--checkpoint", choices=("last", "best"), default="last", help="which one (default last)"
+    )
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. device=cpu")
+
     k = sub.add_parser("cost", help="per-layer MACs / BitOPs table of a config")
     k.add_argument("-c", "--config", required=True)
     k.add_argument("overrides", nargs="*")
@@ -107,6 +115,16 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"wrote {plot_accuracy_vs_bitops(runs, args.plot)}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from .report import report_headline, write_report
+
+    if args.fp is not None and not Path(args.fp).exists():
+        raise UserError(f"--fp run {args.fp!r} not found")
+    paths = write_report(args.run, args.fp, args.checkpoint, args.overrides)
+    print(report_headline(paths))
+    print(f"wrote {paths['md']}, {paths['csv']} and the plots in {paths['md'].parent}")
+
+
 def _cost(args: argparse.Namespace) -> None:
     import torch
 
@@ -133,7 +151,14 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.out, progress=not args.no_progress)
         else:
-            {"train": _train, "eval": _eval, "compare": _compare, "cost": _cost}[args.command](args)
+            commands = {
+                "train": _train,
+                "eval": _eval,
+                "compare": _compare,
+                "cost": _cost,
+                "report": _report,
+            }
+            commands[args.command](args)
     except (UserError, ValueError, FileNotFoundError) as err:
         print(f"instaquant: error: {err}", file=sys.stderr)
         return 2

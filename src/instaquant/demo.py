@@ -9,7 +9,7 @@ from typing import Any
 
 from . import config as config_mod
 from .engine import fit, write_summary
-from .report import plot_accuracy_vs_bitops
+from .report import plot_accuracy_vs_bitops, report_headline, write_report
 
 CANDIDATES = [2, 3, 4]
 METHOD = "pact"
@@ -105,7 +105,8 @@ def _candidate_shares(fraction: list) -> list[float]:
 
 
 def run_demo(out: str | Path = "runs/demo", progress: bool = True) -> dict[str, Any]:
-    """Train every demo run into ``out`` and write ``summary.json`` and the plot there."""
+    """Train every demo run into ``out``, write ``summary.json`` and the plot there, and the
+    DQ run's report (``dq/report/``, difficulty from the demo's full-precision run)."""
     out = Path(out)
     t0 = time.time()
     entries = []
@@ -123,5 +124,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True) -> dict[str, 
     )
     print()
     print(format_table(entries))
+    report = write_report(out / "dq", fp_run=out / "fp")
     print(f"\nwall time {time.time() - t0:.0f} s; wrote {summary_path} and {plot}")
+    print(f"DQ {report_headline(report)}")
     return json.loads(summary_path.read_text())

@@ -1,13 +1,36 @@
-"""Plots and run reports."""
+"""Plots and the run report (``report/`` in a run folder: CSV, PNGs, report.md, report.html)."""
 
 from __future__ import annotations
 
+import base64
+import html
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from .analysis import (  # noqa: E402
+    Analysis,
+    accuracy_by_quantile,
+    analyze,
+    candidate_usage,
+    correlations,
+    display_images,
+    extremes,
+    rankdata,
+    write_csv,
+)
+
+BITOPS_NOTE = "BitOPs: quantized layers only; full-precision layers are not counted"
 
 
 def _label(run: dict) -> str:
@@ -17,13 +40,37 @@ def _label(run: dict) -> str:
     return f"{run['method']} {'DQ' if run['recipe'] == 'dynamic' else 'static'} {bits}-bit"
 
 
-def plot_accuracy_vs_bitops(runs: list[dict], path: str | Path, title: str = "") -> Path:
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _footnote(fig: Any, text: str = BITOPS_NOTE) -> None:
+    fig.text(0.99, 0.005, text, ha="right", va="bottom", fontsize=7, color="dimgrey")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both cost (lower) and accuracy (higher), by cost."""
+    front: list[tuple[float, float]] = []
+    for cost, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or acc > front[-1][1]:
+            front.append((cost, acc))
+    return front
+
+
+def plot_accuracy_vs_bitops(
+    runs: list[dict], path: str | Path, title: str = "", highlight: str | None = None
+) -> Path:
     """Top-1 against mean BitOPs (relative to the reference static model) for quantized runs.
 
-    Static runs are drawn as squares joined per method, dynamic runs as stars;
-    full precision as a horizontal line.
+    Static runs are drawn as squares joined per method, dynamic runs as stars, full
+    precision as a horizontal line; a dotted step line marks the Pareto front of all
+    quantized points. ``highlight`` circles the run of that name.
     """
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     by_method: dict[str, list[dict]] = {}
     for run in runs:
         if run["recipe"] == "fp":
@@ -47,26 +94,531 @@ def plot_accuracy_vs_bitops(runs: list[dict], path: str | Path, title: str = "")
                 xytext=(4, -10),
                 fontsize=8,
             )
-    for run in runs:
-        if run["recipe"] == "dynamic":
-            ax.plot(
-                run["bitops_rel"],
-                run["top1"],
-                "*",
-                ms=14,
-                color=method_color[run["method"]],
-                markeredgecolor="black",
-                label=_label(run),
+    dynamic = [r for r in runs if r["recipe"] == "dynamic"]
+    for i, run in enumerate(dynamic):
+        name = f" ({run['name']})" if len(dynamic) > 1 else ""
+        marker = "*PXDv^"[i % 6]  # several DQ runs of one method share a colour
+        ax.plot(
+            run["bitops_rel"],
+            run["top1"],
+            marker,
+            ms=14 if marker == "*" else 10,
+            color=method_color[run["method"]],
+            markeredgecolor="black",
+            label=_label(run) + name,
+        )
+    quantized = [r for r in runs if r["recipe"] != "fp" and r.get("bitops_rel") is not None]
+    front = pareto_front([(r["bitops_rel"], r["top1"]) for r in quantized])
+    if len(front) > 1:
+        fx, fy = zip(*front, strict=True)
+        ax.step(fx, fy, where="post", color="black", ls=":", lw=1.2, label="Pareto front")
+    for r in quantized:
+        if highlight is not None and r.get("name") == highlight:
+            ax.plot(r["bitops_rel"], r["top1"], "o", ms=22, mfc="none", mec="red", mew=1.5)
+            ax.annotate(
+                "this run",
+                (r["bitops_rel"], r["top1"]),
+                textcoords="offset points",
+                xytext=(0, 14),
+                ha="center",
+                fontsize=8,
+                color="red",
             )
     ref = next((r.get("reference_bits") for r in runs if r.get("reference_bits")), None)
     ax.set_xlabel(f"mean BitOPs relative to static {ref}-bit" if ref else "mean BitOPs (relative)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "Accuracy vs compute")
+    ax.margins(x=0.08)  # room for the bit-width labels beside the end points
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
+    _footnote(fig)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return _save(fig, path)
+
+
+def _short(name: str, width: int = 18) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
+def plot_candidate_usage(a: Analysis, path: str | Path) -> Path:
+    """Stacked bars: per dynamic layer, the share of test images that chose each candidate."""
+    usage = 100 * candidate_usage(a)  # [L, K] or [L, 2, K]
+    parts = (
+        [("weights", usage[:, 0]), ("activations", usage[:, 1])] if a.separate else [("", usage)]
+    )
+    L, K = len(a.layer_names), len(a.candidates)
+    width = min(max(6.4, 0.55 * L + 2.5), 16)
+    fig, axes = plt.subplots(len(parts), 1, figsize=(width, 3.6 * len(parts) + 0.8), dpi=120)
+    axes = [axes] if len(parts) == 1 else list(axes)
+    cmap = plt.get_cmap("viridis")
+    colors = [cmap(0.15 + 0.7 * i / max(K - 1, 1)) for i in range(K)]
+    x = torch.arange(L).tolist()
+    for ax, (what, shares) in zip(axes, parts, strict=True):
+        bottom = torch.zeros(L, dtype=torch.float64)
+        for k, bits in enumerate(a.candidates):
+            ax.bar(x, shares[:, k].tolist(), 0.75, bottom=bottom.tolist(), color=colors[k],
+                   label=f"{bits}-bit", edgecolor="white", linewidth=0.5)  # fmt: skip
+            for i in range(L):
+                v = float(shares[i, k])
+                if v >= 8:  # label segments tall enough to hold the text
+                    mid = float(bottom[i]) + v / 2
+                    color = "white" if k < K / 2 else "black"
+                    ax.text(i, mid, f"{v:.0f}", ha="center", va="center", fontsize=7, color=color)
+            bottom += shares[:, k]
+        ax.set_xticks(x, [_short(n) for n in a.layer_names], rotation=45 if L > 4 else 0,
+                      ha="right" if L > 4 else "center", fontsize=8)  # fmt: skip
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("share of test images (%)")
+        ax.set_xlabel("dynamic layer (execution order)")
+        ax.set_title(
+            f"Bit-width chosen per layer{' for ' + what if what else ''} ({a.n} test images)",
+            fontsize=10,
+        )
+        ax.legend(title="candidate", fontsize=8, title_fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.01, 1))  # fmt: skip
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_bitops_histogram(a: Analysis, path: str | Path) -> Path:
+    """Per-sample BitOPs (relative to the static reference), stacked by correct / wrong."""
+    rel = a.bitops_rel
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    lo, hi = float(rel.min()), float(rel.max())
+    values = torch.unique(rel)
+    if len(values) <= 40:  # few distinct costs: one bar per value reads better than bins
+        span = hi - lo if hi > lo else max(hi, 1e-9)
+        step = float((values[1:] - values[:-1]).min()) if len(values) > 1 else span
+        half = min(step * 0.4, span * 0.035) if len(values) > 1 else 0.02 * span
+        edges = sorted({v for c in values.tolist() for v in (c - half, c + half)})
+    else:
+        edges = torch.linspace(lo, hi, 31).tolist()
+    ok = a.correct
+    ax.hist([rel[ok].tolist(), rel[~ok].tolist()], bins=edges, stacked=True,
+            color=["tab:blue", "tab:red"], label=["correct", "wrong"])  # fmt: skip
+    mean = float(rel.mean())
+    ax.axvline(mean, color="black", lw=1.2, label=f"mean {mean:.3f}x")
+    same = a.budget_rel is not None and abs(a.budget_rel - 1.0) < 1e-9
+    ref_label = f"static {a.ref_bits}-bit (1x)" + (" = budget target" if same else "")
+    ax.axvline(1.0, color="grey", ls="--", lw=1, label=ref_label)
+    if a.budget_rel is not None and not same:
+        ax.axvline(a.budget_rel, color="tab:green", ls=":", lw=1.5,
+                   label=f"budget target {a.budget_rel:.3f}x")  # fmt: skip
+    ax.set_xlabel(f"BitOPs per image relative to static {a.ref_bits}-bit")
+    ax.set_ylabel("test images")
+    ax.set_title(f"Per-image BitOPs of {a.name} ({a.n} test images)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    _footnote(fig)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return _save(fig, path)
+
+
+def plot_bitops_vs_difficulty(a: Analysis, path: str | Path, rho: float) -> Path:
+    """Each image's BitOPs against its difficulty percentile, with the mean per decile."""
+    diff = a.difficulty.double()
+    pct = 100 * (rankdata(diff) - 0.5) / a.n
+    rel = a.bitops_rel
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ok = a.correct
+    ax.scatter(pct[ok].tolist(), rel[ok].tolist(), s=10, alpha=0.35, color="tab:blue",
+               label="correct", linewidths=0)  # fmt: skip
+    ax.scatter(pct[~ok].tolist(), rel[~ok].tolist(), s=16, alpha=0.8, color="tab:red",
+               marker="x", label="wrong", linewidths=1)  # fmt: skip
+    bins = (pct / 10).floor().clamp(0, 9).long()
+    centers, means = [], []
+    for b in range(10):
+        m = bins == b
+        if bool(m.any()):
+            centers.append(10 * b + 5)
+            means.append(float(rel[m].mean()))
+    ax.plot(centers, means, "o-", color="black", lw=1.5, ms=4, label="mean per decile")
+    ax.set_xlabel(f"difficulty percentile ({a.difficulty_name}; 100 = hardest)")
+    ax.set_ylabel(f"BitOPs relative to static {a.ref_bits}-bit")
+    rho_text = "undefined" if math.isnan(rho) else f"{rho:+.3f}"
+    ax.set_title(f"BitOPs vs difficulty: Spearman ρ = {rho_text}")
+    ax.set_xlim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _footnote(fig)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return _save(fig, path)
+
+
+def plot_gallery(a: Analysis, path: str | Path, k: int = 8) -> tuple[Path, Tensor, Tensor] | None:
+    """The ``k`` cheapest and ``k`` most expensive test images with label, prediction, BitOPs.
+
+    Returns the path and both index lists, or None when the images cannot be read back.
+    """
+    cheap, costly = extremes(a, k)
+    k = len(cheap)
+    if k == 0:
+        return None
+    imgs_cheap, imgs_costly = display_images(a, cheap), display_images(a, costly)
+    if imgs_cheap is None or imgs_costly is None:
+        return None
+    fig = plt.figure(figsize=(max(1.25 * k, 6.4), 4.4), dpi=120)
+    subs = fig.subfigures(2, 1)
+    for sub, idx, imgs, what in (
+        (subs[0], cheap, imgs_cheap, f"{k} cheapest test images (lowest BitOPs first)"),
+        (subs[1], costly, imgs_costly, f"{k} most expensive test images (highest BitOPs first)"),
+    ):
+        sub.suptitle(what, fontsize=10)
+        axes = sub.subplots(1, k, squeeze=False)[0]
+        sub.subplots_adjust(left=0.02, right=0.98, top=0.68, bottom=0.06, wspace=0.25)
+        for ax, i, img in zip(axes, idx.tolist(), imgs, strict=True):
+            if img.shape[0] == 1:
+                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(img[:3].permute(1, 2, 0).numpy(), interpolation="nearest")
+            label, pred = a.classes[int(a.label[i])], a.classes[int(a.pred[i])]
+            wrong = int(a.label[i]) != int(a.pred[i])
+            ax.set_title(
+                f"#{i}  true {label}\npred {pred}{'  ✗' if wrong else ''}\n"
+                f"{float(a.bitops_rel[i]):.3f}x",
+                fontsize=7,
+                color="red" if wrong else "black",
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.text(
+        0.01,
+        0.005,
+        f"BitOPs relative to static {a.ref_bits}-bit; red = wrong prediction",
+        fontsize=7,
+        color="dimgrey",
+    )
+    _footnote(fig)
+    return _save(fig, path), cheap, costly
+
+
+# --------------------------------------------------------------------------- report document
+
+
+@dataclass
+class _Doc:
+    """A report as a list of blocks, rendered both to Markdown and to self-contained HTML."""
+
+    title: str
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def h2(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> None:
+        self.blocks.append(("table", (header, [[str(c) for c in r] for r in rows])))
+
+    def image(self, path: Path, caption: str) -> None:
+        self.blocks.append(("img", (path, caption)))
+
+    def markdown(self) -> str:
+        out = [f"# {self.title}", ""]
+        for kind, body in self.blocks:
+            if kind == "h2":
+                out += [f"## {body}", ""]
+            elif kind == "p":
+                out += [body, ""]
+            elif kind == "table":
+                header, rows = body
+                out.append("| " + " | ".join(header) + " |")
+                out.append("|" + "|".join("---" for _ in header) + "|")
+                out += ["| " + " | ".join(r) + " |" for r in rows]
+                out.append("")
+            elif kind == "img":
+                path, caption = body
+                out += [f"![{caption}]({path.name})", "", f"*{caption}*", ""]
+        return "\n".join(out)
+
+    def html(self) -> str:
+        e = html.escape
+        out = [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{e(self.title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto;padding:0 1em;"
+            "color:#222}table{border-collapse:collapse;margin:0.5em 0 1em}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+            "figure{margin:1em 0}img{max-width:100%}figcaption{color:#555;font-size:90%}"
+            "</style></head><body>",
+            f"<h1>{e(self.title)}</h1>",
+        ]
+        for kind, body in self.blocks:
+            if kind == "h2":
+                out.append(f"<h2>{e(body)}</h2>")
+            elif kind == "p":
+                out.append(f"<p>{e(body)}</p>")
+            elif kind == "table":
+                header, rows = body
+                out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+                for r in rows:
+                    out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
+                out.append("</table>")
+            elif kind == "img":
+                path, caption = body
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+                out.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{e(caption)}">'
+                    f"<figcaption>{e(caption)}</figcaption></figure>"
+                )
+        out.append("</body></html>")
+        return "\n".join(out)
+
+
+def _fmt_rho(rho: float) -> str:
+    return "undefined" if math.isnan(rho) else f"{rho:+.3f}"
+
+
+def related_runs(run_dir: Path, a: Analysis, fp_run: str | Path | None) -> list[dict]:
+    """This run's summary entry (with the analysed numbers) plus the finished runs beside it
+    (and the FP run) of the same model and dataset, all relative to this run's reference."""
+    entries: list[dict] = []
+    seen: set[Path] = set()
+    run_dir = run_dir.resolve()
+    candidates = [run_dir] + sorted(p for p in run_dir.parent.iterdir() if p.is_dir())
+    if fp_run is not None and Path(fp_run).is_dir():
+        candidates.append(Path(fp_run))
+    for d in candidates:
+        d = d.resolve()
+        if d in seen or not (d / "summary.json").is_file():
+            continue
+        seen.add(d)
+        try:
+            runs = json.loads((d / "summary.json").read_text())["runs"]
+        except (ValueError, KeyError):
+            continue  # a half-written or foreign summary: leave it out of the plot
+        for r in runs:
+            if r.get("model") != a.model_name or r.get("dataset") != a.dataset:
+                continue
+            r = dict(r)
+            if d == run_dir:
+                # The report's own numbers: the analysed checkpoint may be best.pt, not last.
+                r.update(
+                    top1=a.metrics["top1"],
+                    bitops_mean=a.metrics["bitops_mean"],
+                    name=a.name,
+                )
+            if r.get("bitops_mean") is not None:
+                r["bitops_rel"] = r["bitops_mean"] / a.ref_bitops
+            r["reference_bits"] = a.ref_bits if r["recipe"] != "fp" else None
+            entries.append(r)
+    return entries
+
+
+def write_report(
+    run_dir: str | Path,
+    fp_run: str | Path | None = None,
+    checkpoint: str = "last",
+    overrides: list[str] | None = None,
+    gallery_size: int = 8,
+) -> dict[str, Path]:
+    """Analyse a static or dynamic run and write ``report/`` inside its folder.
+
+    Writes ``per_sample.csv``, the PNG plots, ``report.md``, a self-contained
+    ``report.html`` (images embedded) and ``report.json`` (the figures in machine form).
+    ``fp_run`` (a full-precision run on the same dataset) supplies the difficulty measure.
+    Returns the written paths by name.
+    """
+    from .config import UserError
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {str(run_dir)!r} not found")
+    a = analyze(run_dir, fp_run, checkpoint, overrides)
+    out = run_dir / "report"
+    if out.exists():
+        shutil.rmtree(out)  # a stale plot from an earlier report must not survive
+    out.mkdir(parents=True)
+    paths: dict[str, Path] = {"csv": write_csv(a, out / "per_sample.csv")}
+    rho = correlations(a)
+    primary = rho.get("fp_loss", rho["entropy"])
+    quantiles = accuracy_by_quantile(a)
+    m = a.metrics
+
+    doc = _Doc(f"instaquant report: {a.name}")
+    kind = "dynamic (DQ)" if a.recipe == "dynamic" else "static"
+    bits = "/".join(map(str, a.candidates))
+    doc.p(
+        f"Run {run_dir}: {kind} {bits}-bit {a.model_name} on {a.dataset}; "
+        f"checkpoint {a.checkpoint}; {a.n} test images."
+    )
+    doc.h2("Summary")
+    rows = [
+        ["top-1 accuracy", f"{m['top1']:.2f}%"],
+        ["test loss", f"{m['loss']:.4f}"],
+        ["mean BitOPs per image", f"{m['bitops_mean']:.4g} ({m['bitops_rel']:.3f}x)"],
+        [
+            "min / max BitOPs per image",
+            f"{m['bitops_min']:.4g} / {m['bitops_max']:.4g} "
+            f"({m['bitops_min'] / a.ref_bitops:.3f}x / {m['bitops_max'] / a.ref_bitops:.3f}x)",
+        ],
+        [f"static {a.ref_bits}-bit reference", f"{a.ref_bitops:.4g} BitOPs (1x)"],
+        ["mean bits (w, a averaged)", f"{m['bits_mean']:.2f}"],
+    ]
+    if a.budget_rel is not None:
+        rows.append(["BitOPs budget target", f"{a.budget_rel:.3f}x"])
+    if a.fp_pred is not None:
+        fp_top1 = 100 * float((a.fp_pred == a.label).double().mean())
+        rows.append(["full-precision top-1 (same images)", f"{fp_top1:.2f}%"])
+    doc.table(["measure", "value"], rows)
+    doc.p(
+        f"BitOPs convention: {a.convention}. Relative figures are to the static {a.ref_bits}-bit model."
+    )
+
+    doc.h2("Does the controller spend more bits on harder images?")
+    if a.fp_loss is not None:
+        doc.p(
+            f"Difficulty = the full-precision model's loss on each image (FP run {a.fp_run}), "
+            "a measure independent of the quantized model."
+        )
+    else:
+        doc.p(
+            "Difficulty = the quantized model's own predictive entropy (no full-precision run "
+            "given; pass --fp FP_RUN for an independent measure)."
+        )
+    if a.bitops_constant:
+        doc.p("BitOPs are the same for every image, so no correlation is defined.")
+    else:
+        doc.p(
+            f"Spearman rank correlation between per-image BitOPs and {a.difficulty_name}: "
+            f"ρ = {_fmt_rho(primary)} over {a.n} images"
+            + (
+                f" (with the DQ model's own predictive entropy: ρ = {_fmt_rho(rho['entropy'])})."
+                if "fp_loss" in rho
+                else "."
+            )
+            + " Positive means harder images get more BitOPs."
+        )
+    qhead = ["BitOPs quantile", "images", "BitOPs range (x)", "mean BitOPs (x)", "top-1 %"]
+    if a.fp_pred is not None:
+        qhead.append("FP top-1 %")
+    qhead.append(f"mean {a.difficulty_name}")
+    qrows = []
+    for q in quantiles:
+        row = [
+            q["bin"],
+            q["n"],
+            f"{q['bitops_rel_min']:.3f}-{q['bitops_rel_max']:.3f}",
+            f"{q['bitops_rel_mean']:.3f}",
+            f"{q['top1']:.2f}",
+        ]
+        if a.fp_pred is not None:
+            row.append(f"{q['fp_top1']:.2f}")
+        row.append(f"{q['difficulty_mean']:.4f}")
+        qrows.append(row)
+    doc.table(qhead, qrows)
+    doc.p(
+        "Quartiles by each image's average BitOPs rank; images of equal cost share a "
+        "quartile, so quartiles can be unequal or missing."
+    )
+    if not a.bitops_constant:
+        paths["difficulty"] = plot_bitops_vs_difficulty(
+            a, out / "bitops_vs_difficulty.png", primary
+        )
+        doc.image(paths["difficulty"], f"Per-image BitOPs against {a.difficulty_name} percentile.")
+
+    doc.h2("Per-layer bit-widths")
+    lrows = []
+    usage = candidate_usage(a) if a.recipe == "dynamic" else None
+    dyn_index = {name: i for i, name in enumerate(a.layer_names)}
+    for info in a.layers:
+        if info.role == "fp":
+            lrows.append([info.name, "full precision", f"{info.macs:,}", "not counted"])
+        elif info.role == "static" or usage is None:
+            lrows.append([info.name, "fixed", f"{info.macs:,}", f"{info.bits[0]}-bit"])
+        else:
+            u = usage[dyn_index[info.name]]
+            u = u.mean(0) if a.separate else u
+            shares = " / ".join(
+                f"{b}b {100 * float(s):.0f}%" for b, s in zip(a.candidates, u, strict=True)
+            )
+            lrows.append([info.name, "dynamic", f"{info.macs:,}", shares])
+    doc.table(["layer", "role", "MACs per image", "bits (share of images)"], lrows)
+    if a.separate:
+        doc.p("Weights and activations choose separately; the table averages both.")
+    if usage is not None:
+        paths["usage"] = plot_candidate_usage(a, out / "candidate_usage.png")
+        doc.image(
+            paths["usage"], "Share of test images choosing each candidate, per dynamic layer."
+        )
+    else:
+        doc.p("A static run: every image runs every layer at the same bit-width.")
+
+    doc.h2("Per-image cost")
+    paths["histogram"] = plot_bitops_histogram(a, out / "bitops_histogram.png")
+    doc.image(paths["histogram"], "Histogram of per-image BitOPs (correct and wrong stacked).")
+    gallery = plot_gallery(a, out / "gallery.png", gallery_size)
+    cheap_idx: list[int] = []
+    costly_idx: list[int] = []
+    if gallery is not None:
+        paths["gallery"], cheap, costly = gallery
+        cheap_idx, costly_idx = cheap.tolist(), costly.tolist()
+        doc.image(paths["gallery"], "The cheapest and the most expensive test images.")
+        doc.p(
+            "Test-set indices (rows of per_sample.csv): cheapest "
+            + ", ".join(map(str, cheap_idx))
+            + "; most expensive "
+            + ", ".join(map(str, costly_idx))
+            + "."
+        )
+    else:
+        doc.p("The test images cannot be read back from this loader, so there is no gallery.")
+
+    runs = related_runs(run_dir, a, fp_run)
+    if len(runs) > 1:
+        doc.h2("Against the other runs")
+        paths["accuracy"] = plot_accuracy_vs_bitops(
+            runs, out / "accuracy_vs_bitops.png", f"{a.model_name} on {a.dataset}", a.name
+        )
+        doc.image(
+            paths["accuracy"],
+            "Top-1 against mean BitOPs for this run and the finished runs beside it "
+            f"(same model and dataset), relative to static {a.ref_bits}-bit.",
+        )
+
+    doc.h2("Files")
+    doc.p(
+        "per_sample.csv: one row per test image (index, label, prediction, correct, BitOPs, "
+        "loss, confidence, entropy"
+        + (", FP loss and confidence" if a.fp_loss is not None else "")
+        + ", bits chosen per layer); report.json: the figures above in machine form."
+    )
+
+    summary = {
+        "run": str(run_dir),
+        "checkpoint": a.checkpoint,
+        "fp_run": a.fp_run,
+        "recipe": a.recipe,
+        "samples": a.n,
+        "metrics": {k: v for k, v in m.items() if k != "candidate_fraction"},
+        "reference_bits": a.ref_bits,
+        "reference_bitops": a.ref_bitops,
+        "difficulty": a.difficulty_name,
+        "spearman": {k: (None if math.isnan(v) else v) for k, v in rho.items()},
+        "accuracy_by_quantile": quantiles,
+        "candidates": list(a.candidates),
+        "candidate_usage": None if usage is None else usage.tolist(),
+        "layers": a.layer_names,
+        "gallery": {"cheapest": cheap_idx, "most_expensive": costly_idx},
+        "bitops_convention": a.convention,
+    }
+    paths["json"] = out / "report.json"
+    paths["json"].write_text(json.dumps(summary, indent=2))
+    paths["md"] = out / "report.md"
+    paths["md"].write_text(doc.markdown())
+    paths["html"] = out / "report.html"
+    paths["html"].write_text(doc.html())
+    return paths
+
+
+def report_headline(paths: dict[str, Path]) -> str:
+    """One line for the terminal: where the report is and what the correlation came out at."""
+    data = json.loads(paths["json"].read_text())
+    rho = data["spearman"].get("fp_loss", data["spearman"]["entropy"])
+    corr = "undefined" if rho is None else f"{rho:+.3f}"
+    return (
+        f"report: {paths['html']} (Spearman ρ of per-image BitOPs vs {data['difficulty']}: {corr})"
+    )

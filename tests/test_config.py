@@ -12,6 +12,7 @@ def test_defaults_and_overrides():
     )
     assert cfg.epochs == 3 and cfg.data.limit == 64 and cfg.quant.method == "lsq"
     assert cfg.optim.lr == 0.1 and isinstance(cfg.optim.lr, float)
+    assert C.from_dict({}, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads this as a string
 
 
 def test_config_files_load():

@@ -24,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", required=True)
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=1 data.limit=512")
     t.add_argument("--resume", action="store_true", help="continue from the run's last.pt")
+    t.add_argument(
+        "--stop-after-epoch",
+        type=int,
+        metavar="N",
+        help="stop after epoch N with a resumable checkpoint (time-sliced jobs)",
+    )
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (a .pt file or a run folder)")
@@ -56,8 +62,14 @@ def _train(args: argparse.Namespace) -> None:
     from .engine import fit
 
     cfg = config_mod.load(args.config, args.overrides)
-    entry = fit(cfg, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps(entry, indent=2))
+    entry = fit(
+        cfg,
+        resume=args.resume,
+        progress=not args.no_progress,
+        stop_after_epoch=args.stop_after_epoch,
+    )
+    if entry:
+        print(json.dumps(entry, indent=2))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -144,6 +156,8 @@ def _cost(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .engine import RunInterruptedError
+
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
@@ -159,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 "report": _report,
             }
             commands[args.command](args)
+    except RunInterruptedError as err:
+        print(f"instaquant: {err}", file=sys.stderr)
+        return 130
     except (UserError, ValueError, FileNotFoundError) as err:
         print(f"instaquant: error: {err}", file=sys.stderr)
         return 2

@@ -430,6 +430,9 @@ def build_loaders(
         train, test = train.subset(cfg.limit, seed=0), test.subset(cfg.limit, seed=1)
         if cfg.image_size and cfg.image_size != info.image_size:
             info.image_size = cfg.image_size
+    for split, data in (("train", train), ("test", test)):
+        if data.images.is_floating_point() and not torch.isfinite(data.images).all():
+            raise DataError(f"the {split} images of {cfg.name!r} hold NaN or inf values")
     return (
         TensorLoader(train, info, cfg.batch_size, True, cfg.augment, **kw),
         TensorLoader(test, info, cfg.eval_batch_size, False, **kw),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,13 +18,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import config as config_mod
-from . import models
+from . import distributed, models
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, UserError
 from .controller import annealed_tau
 from .convert import DynamicQuantModel, DynamicSpec, QuantModel, dynamic, static
 from .cost import BITOPS_CONVENTION, Budget, controller_cost
 from .data import DatasetInfo, build_loaders
+from .distributed import DistContext
 
 
 class NonFiniteLossError(UserError):
@@ -105,15 +108,33 @@ def build_model(
     ).to(device)
     if cfg.model.init and load_init:
         _load_init(fp, cfg)
+    example = example_input(info, device)
+    _check_input_fits(fp, example, cfg.model.name)
     if cfg.recipe == "fp":
         return fp
-    example = example_input(info, device)
     q = cfg.quant
     if cfg.recipe == "static":
         return static(
             fp, q.method, q.bits[0], example, q.first_last, tuple(q.exclude), q.share, signed
         )
     return dynamic(fp, spec_from_config(cfg, signed), example)
+
+
+def _check_input_fits(model: nn.Module, example: Tensor, name: str) -> None:
+    """Fail early, in one line, when the data's images cannot go through the model."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(
+            f"model {name!r} does not accept the data's images of shape "
+            f"{tuple(example.shape[1:])} (channels, height, width): {first}"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def signed_plan(model: nn.Module) -> dict[str, bool]:
@@ -182,6 +203,9 @@ def _set_lr(opt: torch.optim.Optimizer, factor: float) -> float:
 # --------------------------------------------------------------------------- evaluation
 
 
+PER_SAMPLE_KEYS = ("bitops", "bits_w", "bits_a", "pred", "label", "loss", "prob")
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, Any]
@@ -199,25 +223,33 @@ def evaluate(
     ref_bits: int,
     per_sample: bool = False,
     progress: bool = False,
+    ctx: DistContext | None = None,
 ) -> EvalResult:
-    """Top-1/top-5, loss and (quantized models) per-sample BitOPs and bit statistics."""
+    """Top-1/top-5, loss and (quantized models) per-sample BitOPs and bit statistics.
+
+    Under DDP each rank evaluates its shard and the sums are all-reduced, so every
+    rank returns the metrics of the whole set.
+    """
+    ctx = ctx or DistContext()
     was_training = model.training
     model.eval()
-    n, loss_sum, top1, top5 = 0, 0.0, 0, 0
-    keep: dict[str, list[Tensor]] = {
-        k: [] for k in ("bitops", "bits_w", "bits_a", "pred", "label", "loss", "prob")
-    }
+    # Sums reduced across ranks: n, loss, top1, top5, bitops, bits.
+    sums = torch.zeros(6, dtype=torch.float64)
+    lo, hi = (
+        torch.tensor([math.inf], dtype=torch.float64),
+        torch.tensor([-math.inf], dtype=torch.float64),
+    )
+    keep: dict[str, list[Tensor]] = {k: [] for k in PER_SAMPLE_KEYS}
     choice_counts = None
     ref = _reference_bitops(model, ref_bits)
     for x, y in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
         logits = model(x)
         losses = F.cross_entropy(logits, y, reduction="none")
-        n += y.shape[0]
-        loss_sum += float(losses.sum())
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        top1 += int((topk[:, 0] == y).sum())
-        top5 += int((topk == y[:, None]).any(1).sum())
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums[0] += y.shape[0]
+        sums[1] += float(losses.sum())
+        sums[2] += int((topk[:, 0] == y).sum())
+        sums[3] += int((topk == y[:, None]).any(1).sum())
         if per_sample:
             keep["pred"].append(topk[:, 0].cpu())
             keep["label"].append(y.cpu())
@@ -225,43 +257,54 @@ def evaluate(
             keep["prob"].append(logits.softmax(1).max(1).values.cpu())
         rec = getattr(model, "last", None)
         if rec is not None:
-            keep["bitops"].append(rec.bitops.double().cpu())
-            keep["bits_w"].append(rec.bits_w.cpu())
-            keep["bits_a"].append(rec.bits_a.cpu())
+            bitops = rec.bitops.double().cpu()
+            sums[4] += float(bitops.sum())
+            sums[5] += float(((rec.bits_w + rec.bits_a) / 2).double().mean(1).sum())
+            lo = torch.minimum(lo, bitops.min().view(1))
+            hi = torch.maximum(hi, bitops.max().view(1))
+            if per_sample:
+                keep["bitops"].append(bitops)
+                keep["bits_w"].append(rec.bits_w.cpu())
+                keep["bits_a"].append(rec.bits_a.cpu())
             if rec.selection is not None:
-                sel = rec.selection.sum(0).cpu()  # [L, K] or [L, 2, K]
+                sel = rec.selection.sum(0).double().cpu()  # [L, K] or [L, 2, K]
                 choice_counts = sel if choice_counts is None else choice_counts + sel
     model.train(was_training)
+    for t, op in ((sums, "sum"), (lo, "min"), (hi, "max")):
+        t.copy_(ctx.all_reduce(t.to(ctx.device), op).cpu())
+    if choice_counts is not None:
+        choice_counts = ctx.all_reduce(choice_counts.to(ctx.device)).cpu()
+    n = float(sums[0])
     if n == 0:
         raise UserError("the evaluation set is empty")
     metrics: dict[str, Any] = {
-        "top1": 100.0 * top1 / n,
-        "top5": 100.0 * top5 / n,
-        "loss": loss_sum / n,
-        "samples": n,
+        "top1": 100.0 * float(sums[2]) / n,
+        "top5": 100.0 * float(sums[3]) / n,
+        "loss": float(sums[1]) / n,
+        "samples": int(n),
     }
-    out = {k: torch.cat(v) for k, v in keep.items() if v}
-    if "bitops" in out:
-        bitops = out["bitops"]
-        bits = (out["bits_w"] + out["bits_a"]) / 2
+    if ref is not None:
+        mean = float(sums[4]) / n
         metrics.update(
-            bitops_mean=float(bitops.mean()),
-            bitops_min=float(bitops.min()),
-            bitops_max=float(bitops.max()),
-            bitops_rel=float(bitops.mean()) / ref,
-            bits_mean=float(bits.mean()),
+            bitops_mean=mean,
+            bitops_min=float(lo),
+            bitops_max=float(hi),
+            bitops_rel=mean / ref,
+            bits_mean=float(sums[5]) / n,
         )
     if choice_counts is not None:
-        counts = choice_counts.double()
-        metrics["candidate_fraction"] = (counts / counts.sum(-1, keepdim=True)).tolist()
-    return EvalResult(metrics, out if per_sample else {})
+        metrics["candidate_fraction"] = (
+            choice_counts / choice_counts.sum(-1, keepdim=True)
+        ).tolist()
+    out = {k: torch.cat(v) for k, v in keep.items() if v}
+    return EvalResult(metrics, out)
 
 
 # --------------------------------------------------------------------------- training
 
 
 class _Writer:
-    """metrics.jsonl, plus TensorBoard event files when tensorboard is installed."""
+    """metrics.jsonl, plus TensorBoard event files when tensorboard is installed (rank 0)."""
 
     def __init__(self, out: Path, enabled: bool) -> None:
         self.path = out / "metrics.jsonl"
@@ -286,9 +329,43 @@ class _Writer:
                     self.tb.add_scalar(key, value, row["epoch"])
             self.tb.flush()
 
+    def truncate(self, epochs_done: int) -> None:
+        """Drop rows of epochs after the checkpoint (a kill between row and checkpoint)."""
+        if not self.path.exists():
+            return
+        rows = [r for r in self.path.read_text().splitlines() if r.strip()]
+        keep = [r for r in rows if json.loads(r).get("epoch", 0) <= epochs_done]
+        if len(keep) != len(rows):
+            self.path.write_text("".join(r + "\n" for r in keep))
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class RunInterruptedError(UserError):
+    """SIGTERM or Ctrl-C arrived; a resumable checkpoint was saved first."""
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag the training loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def run_dir(cfg: Config) -> Path:
@@ -333,18 +410,8 @@ def write_summary(path: Path, runs: list[dict]) -> None:
     path.write_text(json.dumps({"runs": runs, "bitops_convention": BITOPS_CONVENTION}, indent=2))
 
 
-def fit(
-    cfg: Config,
-    resume: bool = False,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Train ``cfg`` into its run directory; returns the run's summary entry."""
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    out = run_dir(cfg)
-    last_path = out / "last.pt"
-    if last_path.exists() and not (resume or overwrite):
+def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if (out / "last.pt").exists() and not (resume or overwrite):
         raise UserError(
             f"{str(out)!r} already holds a run; pass --resume to continue it or set out="
         )
@@ -353,134 +420,283 @@ def fit(
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    train_loader, test_loader, info = build_loaders(cfg.data, cfg.seed, device)
+
+def _sync_lazy_init(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> None:
+    """Run one batch so data-dependent quantizer parameters exist before DDP broadcasts
+    rank 0's parameters and buffers: every rank then starts from identical values."""
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        x, _ = next(iter(loader))
+        model(x)
+    model.train(was_training)
+
+
+def fit(
+    cfg: Config,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    stop_after_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` into its run directory; returns the run's summary entry.
+
+    ``stop_after_epoch`` ends the run after that epoch as if it had been stopped
+    (a later ``resume=True`` continues it). Under torchrun every rank trains its
+    shard; rank 0 writes the files.
+    """
+    return train_model(cfg, resume, progress, overwrite, stop_after_epoch)[0]
+
+
+def train_model(
+    cfg: Config,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    stop_after_epoch: int | None = None,
+) -> tuple[dict[str, Any], nn.Module]:
+    """:func:`fit` that also returns the trained (unwrapped) model."""
+    resolve_device(cfg.device)
+    ctx = distributed.setup(cfg.device)
+    try:
+        # Handlers first: a SIGTERM during set-up still ends in a resumable checkpoint.
+        with _StopSignals() as stop:
+            return _train(
+                cfg, ctx, stop, resume, progress and ctx.is_main, overwrite, stop_after_epoch
+            )
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(
+    cfg: Config,
+    ctx: DistContext,
+    stop: _StopSignals,
+    resume: bool,
+    progress: bool,
+    overwrite: bool,
+    stop_after_epoch: int | None,
+) -> tuple[dict[str, Any], nn.Module]:
+    torch.manual_seed(cfg.seed)
+    out = run_dir(cfg)
+    last_path = out / "last.pt"
+    if ctx.is_main:
+        _prepare_run_dir(out, resume, overwrite)
+    ctx.barrier()
+    train_loader, test_loader, info = build_loaders(
+        cfg.data, cfg.seed, ctx.device, ctx.rank, ctx.world
+    )
     state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    if resume and state is None and ctx.is_main:
+        tqdm.write(f"no checkpoint in {str(out)!r} to resume from: starting the run")
     if state is not None:
-        model = build_model(cfg, info, device, signed=state.get("signed"), load_init=False)
+        model = build_model(cfg, info, ctx.device, signed=state.get("signed"), load_init=False)
         model.load_state_dict(state["model"])
     else:
-        model = build_model(cfg, info, device)
-    config_mod.save(cfg, out / "config.yaml")
-    opt = make_optimizer(model, cfg)
-    start_epoch, best, wall = 0, -1.0, 0.0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, best, wall = state["epoch"], state["best_top1"], state.get("wall_s", 0.0)
-    writer = _Writer(out, enabled=True)
-    metrics: dict[str, Any] = dict(state["metrics"]) if state is not None else {}
+        model = build_model(cfg, info, ctx.device)
+    if ctx.is_main:
+        config_mod.save(cfg, out / "config.yaml")
     steps = len(train_loader)
     if steps == 0:
         raise UserError("the training set is empty (check data.limit and the batch size)")
+    net: nn.Module = model
+    if ctx.enabled:
+        if state is None:
+            _sync_lazy_init(model, train_loader)
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    opt = make_optimizer(model, cfg)
+    start_epoch, skip_steps, best, wall = 0, 0, -1.0, 0.0
+    metrics: dict[str, Any] = {}
+    if state is not None:
+        # Momentum buffers come from the checkpoint, learning rates from this config.
+        configured = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
+        opt.load_state_dict(state["optimizer"])
+        for g, (base_lr, wd) in zip(opt.param_groups, configured, strict=True):
+            g["base_lr"], g["weight_decay"] = base_lr, wd
+        start_epoch, skip_steps = state["epoch"], state.get("step", 0)
+        best, wall, metrics = state["best_top1"], state.get("wall_s", 0.0), dict(state["metrics"])
+    writer = _Writer(out, enabled=ctx.is_main)
+    if ctx.is_main:
+        writer.truncate(start_epoch)
+
+    def checkpoint(epoch: int, step: int, result_metrics: dict[str, Any] | None) -> None:
+        nonlocal best
+        if not ctx.is_main:
+            return
+        fields = dict(
+            config=cfg.to_dict(),
+            recipe=cfg.recipe,
+            model=model.state_dict(),
+            optimizer=opt.state_dict(),
+            epoch=epoch,
+            step=step,
+            metrics=metrics,
+            signed=signed_plan(model),
+            wall_s=wall,
+        )
+        if result_metrics is not None and result_metrics["top1"] > best:
+            best = result_metrics["top1"]
+            save_checkpoint(out / "best.pt", best_top1=best, **fields)
+        save_checkpoint(last_path, best_top1=best, **fields)
+
+    last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, last_epoch):
             t0 = time.time()
             # Seeding per epoch makes a resumed run replay exactly the uninterrupted one.
             torch.manual_seed(cfg.seed * 1_000_003 + epoch)
             train_loader.set_epoch(epoch)
             if isinstance(model, DynamicQuantModel) and cfg.quant.tau_final is not None:
+                progress_frac = epoch / max(cfg.epochs - 1, 1)
                 model.set_temperature(
-                    annealed_tau(cfg.quant.tau, cfg.quant.tau_final, epoch / max(cfg.epochs - 1, 1))
+                    annealed_tau(cfg.quant.tau, cfg.quant.tau_final, progress_frac)
                 )
-            train_stats = _train_epoch(model, opt, train_loader, cfg, epoch, steps, progress)
-            result = evaluate(model, test_loader, cfg.ref_bits)
+            loop = _EpochLoop(net, model, opt, cfg, ctx, epoch, steps, progress, stop)
+            train_stats = loop.run(train_loader, skip_steps)
             wall += time.time() - t0
+            if loop.stopped_at is not None:
+                checkpoint(epoch, loop.stopped_at, None)
+                raise RunInterruptedError(
+                    f"{stop.received}: saved a resumable checkpoint at epoch {epoch + 1}, "
+                    f"step {loop.stopped_at}/{steps} in {str(last_path)!r}; "
+                    "continue with --resume"
+                )
+            skip_steps = 0
+            ctx.broadcast_buffers(model)
+            result = evaluate(model, test_loader, cfg.ref_bits, ctx=ctx)
             metrics = {
                 "epoch": epoch + 1,
                 **train_stats,
                 **{f"test_{k}": v for k, v in result.metrics.items()},
             }
             writer.write({k: v for k, v in metrics.items() if k != "test_candidate_fraction"})
-            fields = dict(
-                config=cfg.to_dict(),
-                recipe=cfg.recipe,
-                model=model.state_dict(),
-                optimizer=opt.state_dict(),
-                epoch=epoch + 1,
-                metrics=metrics,
-                signed=signed_plan(model),
-                wall_s=wall,
-            )
-            if result.metrics["top1"] > best:
-                best = result.metrics["top1"]
-                save_checkpoint(out / "best.pt", best_top1=best, **fields)
-            save_checkpoint(last_path, best_top1=best, **fields)
+            checkpoint(epoch + 1, 0, result.metrics)
             if progress:
                 tqdm.write(_epoch_line(cfg, epoch, metrics))
     finally:
         writer.close()
+    if metrics.get("epoch") != cfg.epochs:  # stopped early on purpose: no summary yet
+        return {}, model
     final = {k[len("test_") :]: v for k, v in metrics.items() if k.startswith("test_")}
     entry = _summary_entry(cfg, model, final, best, wall)
-    write_summary(out / "summary.json", [entry])
-    return entry
+    if ctx.is_main:
+        write_summary(out / "summary.json", [entry])
+    return entry, model
 
 
 def _epoch_line(cfg: Config, epoch: int, m: dict[str, Any]) -> str:
-    line = f"[{cfg.name}] epoch {epoch + 1}/{cfg.epochs}  loss {m['train_loss']:.3f}  top1 {m['test_top1']:.2f}%"
+    line = (
+        f"[{cfg.name}] epoch {epoch + 1}/{cfg.epochs}  loss {m['train_loss']:.3f}  "
+        f"top1 {m['test_top1']:.2f}%"
+    )
     if "test_bitops_rel" in m:
-        line += f"  bits {m['test_bits_mean']:.2f}  BitOPs {m['test_bitops_rel']:.3f}x of {cfg.ref_bits}-bit"
+        line += (
+            f"  bits {m['test_bits_mean']:.2f}  "
+            f"BitOPs {m['test_bitops_rel']:.3f}x of {cfg.ref_bits}-bit"
+        )
     return line
 
 
-def _train_epoch(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    loader: Iterable[tuple[Tensor, Tensor]],
-    cfg: Config,
-    epoch: int,
-    steps: int,
-    progress: bool,
-) -> dict[str, float]:
-    model.train()
-    ref = _reference_bitops(model, cfg.ref_bits)
-    sums = {"loss": 0.0, "correct": 0.0, "n": 0, "bitops_rel": 0.0, "bits": 0.0, "budget": 0.0}
-    lr = 0.0
-    bar = tqdm(
-        loader,
-        total=steps,
-        desc=f"{cfg.name} {epoch + 1}/{cfg.epochs}",
-        leave=False,
-        disable=None if progress else True,
-    )
-    for i, (x, y) in enumerate(bar):
-        lr = _set_lr(opt, lr_factor(cfg, epoch + i / steps))
-        logits = model(x)
+class _EpochLoop:
+    """One training epoch: forward, CE (+ budget), backward, step; running statistics."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        cfg: Config,
+        ctx: DistContext,
+        epoch: int,
+        steps: int,
+        progress: bool,
+        stop: _StopSignals,
+    ) -> None:
+        self.net, self.model, self.opt, self.cfg, self.ctx = net, model, opt, cfg, ctx
+        self.epoch, self.steps, self.progress, self.stop = epoch, steps, progress, stop
+        self.stopped_at: int | None = None
+        self.ref = _reference_bitops(model, cfg.ref_bits)
+        # n, loss, correct, budget, bitops_rel, bits: summed over samples, reduced over ranks.
+        self.sums = torch.zeros(6, dtype=torch.float64)
+
+    def run(self, loader: Iterable[tuple[Tensor, Tensor]], skip: int) -> dict[str, float]:
+        self.net.train()
+        cfg, lr = self.cfg, 0.0
+        bar = tqdm(
+            loader,
+            total=self.steps,
+            desc=f"{cfg.name} {self.epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=None if self.progress else True,
+        )
+        for i, (x, y) in enumerate(bar):
+            if i < skip:  # resuming mid-epoch: the batch order is replayed, the work is not
+                continue
+            if self.stop.received:
+                self.stopped_at = i
+                break
+            lr = _set_lr(self.opt, lr_factor(cfg, self.epoch + i / self.steps))
+            self._step(x, y, i)
+            if self.progress and (i % 10 == 0 or i == self.steps - 1):
+                bar.set_postfix(self._postfix())
+        bar.close()
+        return self._stats(lr)
+
+    def _step(self, x: Tensor, y: Tensor, i: int) -> None:
+        logits = self.net(x)
         loss = F.cross_entropy(logits, y)
-        budget = model.budget_loss() if isinstance(model, DynamicQuantModel) else None
+        dynamic = isinstance(self.model, DynamicQuantModel)
+        budget = self.model.budget_loss() if dynamic else None
         total = loss + budget if budget is not None else loss
         if not torch.isfinite(total):
-            raise NonFiniteLossError(
-                f"loss became {float(total)} at epoch {epoch + 1}, step {i + 1}; "
-                "the last good checkpoint is kept (lower optim.lr?)"
+            what = (
+                "the input batch holds NaN or inf"
+                if not torch.isfinite(x).all()
+                else (f"loss became {float(total.detach())}")
             )
-        opt.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"{what} at epoch {self.epoch + 1}, step {i + 1}; stopped, the last good "
+                "checkpoint is kept (check the data, or lower optim.lr)"
+            )
+        self.opt.zero_grad(set_to_none=True)
         total.backward()
-        opt.step()
+        self.opt.step()
         b = y.shape[0]
-        sums["n"] += b
-        sums["loss"] += float(loss.detach()) * b
-        sums["correct"] += float((logits.argmax(1) == y).sum())
+        s = self.sums
+        s[0] += b
+        s[1] += float(loss.detach()) * b
+        s[2] += float((logits.argmax(1) == y).sum())
         if budget is not None:
-            sums["budget"] += float(budget.detach()) * b
-        rec = getattr(model, "last", None)
+            s[3] += float(budget.detach()) * b
+        rec = getattr(self.model, "last", None)
         if rec is not None:
-            sums["bitops_rel"] += float(rec.bitops.detach().mean()) / ref * b
-            sums["bits"] += float(((rec.bits_w + rec.bits_a) / 2).detach().mean()) * b
-        if progress and (i % 10 == 0 or i == steps - 1):
-            post = {
-                "loss": f"{sums['loss'] / sums['n']:.3f}",
-                "acc": f"{100 * sums['correct'] / sums['n']:.1f}",
-            }
-            if rec is not None:
-                post["bits"] = f"{sums['bits'] / sums['n']:.2f}"
-                post["BitOPs"] = f"{sums['bitops_rel'] / sums['n']:.3f}x"
-            bar.set_postfix(post)
-    n = max(sums["n"], 1)
-    stats = {"lr": lr, "train_loss": sums["loss"] / n, "train_top1": 100 * sums["correct"] / n}
-    if isinstance(model, QuantModel):
-        stats.update(train_bitops_rel=sums["bitops_rel"] / n, train_bits_mean=sums["bits"] / n)
-    if isinstance(model, DynamicQuantModel):
-        stats.update(train_budget_loss=sums["budget"] / n, tau=model.tau)
-    return stats
+            s[4] += float(rec.bitops.detach().mean()) / self.ref * b
+            s[5] += float(((rec.bits_w + rec.bits_a) / 2).detach().mean()) * b
+
+    def _postfix(self) -> dict[str, str]:
+        s = self.sums
+        n = max(float(s[0]), 1.0)
+        post = {"loss": f"{float(s[1]) / n:.3f}", "acc": f"{100 * float(s[2]) / n:.1f}"}
+        if self.ref is not None:
+            post["bits"] = f"{float(s[5]) / n:.2f}"
+            post["BitOPs"] = f"{float(s[4]) / n:.3f}x"
+        return post
+
+    def _stats(self, lr: float) -> dict[str, float]:
+        s = self.ctx.all_reduce(self.sums.to(self.ctx.device)).cpu()
+        n = max(float(s[0]), 1.0)
+        stats = {
+            "lr": lr,
+            "train_loss": float(s[1]) / n,
+            "train_top1": 100 * float(s[2]) / n,
+            "train_samples": int(s[0]),
+        }
+        if isinstance(self.model, QuantModel):
+            stats.update(train_bitops_rel=float(s[4]) / n, train_bits_mean=float(s[5]) / n)
+        if isinstance(self.model, DynamicQuantModel):
+            stats.update(train_budget_loss=float(s[3]) / n, tau=self.model.tau)
+        return stats
 
 
 # --------------------------------------------------------------------------- checkpoints

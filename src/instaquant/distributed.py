@@ -1,0 +1,75 @@
+"""Multi-process training under torchrun: the process group, reductions, rank-0 duties.
+
+A single process (no ``WORLD_SIZE`` in the environment) gets a context whose
+reductions are identities, so the trainer has one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
+        """Reduce ``t`` over ranks in place (and return it); identity in one process."""
+        if self.enabled:
+            red = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+            dist.all_reduce(t, op=red[op])
+        return t
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BN running statistics, LQ-Nets bases) everywhere.
+
+        DDP broadcasts them at the start of each forward, so after the last step
+        every rank still holds its own update; this makes evaluation and the final
+        state identical across ranks.
+        """
+        if self.enabled:
+            for buf in module.buffers():
+                dist.broadcast(buf, src=0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def setup(device_name: str) -> DistContext:
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name.startswith("cuda") or (
+        device_name == "auto" and torch.cuda.is_available()
+    )
+    if use_cuda:
+        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu" if device_name == "auto" else device_name)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistContext(rank, world, local_rank, device)
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()

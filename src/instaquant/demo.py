@@ -68,7 +68,8 @@ def digits_dq_dict(out: Path) -> dict[str, Any]:
 
 def format_table(runs: list[dict]) -> str:
     ref = next((r["reference_bits"] for r in runs if r.get("reference_bits")), None)
-    head = f"{'run':<10} {'recipe':<8} {'bits':<7} {'top1 %':>7} {'mean bits':>9} {'BitOPs':>8}  spread"
+    w = max(10, *(len(r["name"]) for r in runs))
+    head = f"{'run':<{w}} {'recipe':<8} {'bits':<7} {'top1 %':>7} {'mean bits':>9} {'BitOPs':>8}  spread"
     lines = [head, "-" * (len(head) + 30)]
     for r in runs:
         bits = "32" if r["bits"] is None else ",".join(map(str, r["bits"]))

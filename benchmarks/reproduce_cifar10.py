@@ -1,0 +1,153 @@
+"""Reproduce the paper's CIFAR-10 ResNet-20 comparison (Table 1): static DoReFa/PACT vs DQ.
+
+Runs, in order, into ``--out``: full-precision ResNet-20; static QAT at 3, 4 and 5 bits
+for each method, initialised from it; DQ with candidates {b-1, b, b+1} at the BitOPs
+of static b-bit for b = 4 and b = 3, same initialisation and schedule. Every run resumes
+from its checkpoint when the script is started again, and finished runs are skipped.
+At the end it prints the table and writes ``results.md``, ``results.json`` and the
+accuracy-vs-BitOPs plot into ``--out``.
+
+    python benchmarks/reproduce_cifar10.py --quick   # about 100 min on 2 CPU cores
+    python benchmarks/reproduce_cifar10.py --paper   # the full schedules (a GPU)
+
+Data: ``--archive`` (the CIFAR-10 JPEG tarball in ImageFolder layout, extracted once to
+``--data-dir``) or ``--root`` (an extracted ``train/`` + ``test/`` folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from instaquant import config as config_mod
+from instaquant.demo import format_table
+from instaquant.engine import fit
+from instaquant.report import plot_accuracy_vs_bitops
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Epochs and learning rates per schedule. "quick" is sized for 2 CPU cores; "paper"
+# follows the usual CIFAR ResNet-20 recipe (200 fp epochs, then 90 QAT epochs).
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "fp": {"epochs": 15, "optim": {"lr": 0.2, "schedule": "onecycle", "weight_decay": 5e-4}},
+        "qat": {"epochs": 2, "optim": {"lr": 0.01, "schedule": "cosine", "weight_decay": 1e-4}},
+    },
+    "paper": {
+        "fp": {"epochs": 200, "optim": {"lr": 0.1, "schedule": "cosine", "weight_decay": 1e-4}},
+        "qat": {"epochs": 90, "optim": {"lr": 0.01, "schedule": "cosine", "weight_decay": 1e-4}},
+    },
+}
+
+
+def extract(archive: Path, data_dir: Path) -> Path:
+    """Extract the tarball once; returns the folder holding train/ and test/."""
+    marker = data_dir / ".extracted"
+    if not marker.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        print(f"extracting {archive} to {data_dir} ...", flush=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(data_dir, filter="data")
+        marker.write_text(str(archive))
+    for candidate in (data_dir, *sorted(p for p in data_dir.iterdir() if p.is_dir())):
+        if (candidate / "train").is_dir():
+            return candidate
+    raise SystemExit(f"no train/ folder found under {data_dir}")
+
+
+def plan(root: Path, out: Path, schedule: str, methods: list[str], limit: int | None) -> list[dict]:
+    """Config dicts of every run, in the order they must run."""
+    sched = SCHEDULES[schedule]
+    data = {"name": "imagefolder", "root": str(root), "image_size": 32, "batch_size": 128}
+    if limit:
+        data["limit"] = limit
+    fp_dir = out / "fp"
+
+    def run(name: str, **kw: Any) -> dict:
+        return {"name": name, "out": str(out / name), "seed": 0, "data": data, **kw}
+
+    runs = [run("fp", recipe="fp", model={"name": "resnet20"}, **sched["fp"])]
+    init = {"name": "resnet20", "init": str(fp_dir)}
+    for method in methods:
+        for bits in (3, 4, 5):
+            runs.append(
+                run(
+                    f"{method}_static{bits}",
+                    recipe="static",
+                    model=init,
+                    quant={"method": method, "bits": [bits]},
+                    reference_bits=4,
+                    **sched["qat"],
+                )
+            )
+        for budget in (4, 3):
+            runs.append(
+                run(
+                    f"{method}_dq_budget{budget}",
+                    recipe="dynamic",
+                    model=init,
+                    quant={
+                        "method": method,
+                        "bits": [budget - 1, budget, budget + 1],
+                        "tap": "layer1",
+                        "tau": 1.0,
+                        "tau_final": 0.2,
+                    },
+                    budget={"kind": "bitops", "target_bits": budget, "weight": 2.0},
+                    reference_bits=4,
+                    **sched["qat"],
+                )
+            )
+    return runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--quick", action="store_true", help="short schedule for 2 CPU cores")
+    mode.add_argument("--paper", action="store_true", help="full schedules (GPU)")
+    p.add_argument("--archive", type=Path, default=REPO.parent / "shared/data/cifar10-jpeg.tar.gz")
+    p.add_argument("--data-dir", type=Path, default=Path.home() / ".cache/instaquant/cifar10-jpeg")
+    p.add_argument("--root", type=Path, help="an extracted train/ + test/ folder")
+    p.add_argument("--out", type=Path, default=Path("runs/reproduce_cifar10"))
+    p.add_argument("--methods", nargs="+", default=["dorefa", "pact"])
+    p.add_argument("--limit", type=int, help="images per split (smoke tests)")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    args = p.parse_args()
+
+    schedule = "quick" if args.quick else "paper"
+    root = args.root or extract(args.archive, args.data_dir)
+    t0 = time.time()
+    entries = []
+    for raw in plan(root, args.out, schedule, args.methods, args.limit):
+        cfg = config_mod.from_dict(raw)
+        summary = Path(cfg.out) / "summary.json"
+        if summary.exists():
+            print(f"== {cfg.name}: done before, skipped", flush=True)
+        else:
+            resume = (Path(cfg.out) / "last.pt").exists()
+            print(f"== {cfg.name}: {'resuming' if resume else 'training'}", flush=True)
+            fit(cfg, resume=resume, progress=args.progress)
+        entries.append(json.loads(summary.read_text())["runs"][0])
+    wall = time.time() - t0
+    table = format_table(entries)
+    print(table)
+    (args.out / "results.json").write_text(
+        json.dumps({"schedule": schedule, "runs": entries}, indent=2)
+    )
+    plot = plot_accuracy_vs_bitops(
+        entries, args.out / "accuracy_vs_bitops.png", f"CIFAR-10 ResNet-20 ({schedule} schedule)"
+    )
+    (args.out / "results.md").write_text(
+        f"```\n{table}\n```\n\nschedule: {schedule}; this invocation's wall time {wall / 60:.1f} min; "
+        f"per-run wall times are in results.json (wall_s)\n"
+    )
+    print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {plot}")
+
+
+if __name__ == "__main__":
+    main()

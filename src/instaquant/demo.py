@@ -84,7 +84,7 @@ def format_table(runs: list[dict]) -> str:
             lo, hi = r["bitops_min"] / r["bitops_mean"], r["bitops_max"] / r["bitops_mean"]
             spread = f"{shares}; per-image BitOPs {lo:.2f}-{hi:.2f}x of mean"
         lines.append(
-            f"{r['name']:<10} {r['recipe']:<8} {bits:<7} {r['top1']:>7.2f} {mb:>9} {rel:>8}  {spread}"
+            f"{r['name']:<{w}} {r['recipe']:<8} {bits:<7} {r['top1']:>7.2f} {mb:>9} {rel:>8}  {spread}"
         )
     lines.append(f"BitOPs relative to the static {ref}-bit model.")
     for r in runs:

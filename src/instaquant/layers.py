@@ -8,7 +8,9 @@ bit-widths. Before each forward its owner sets ``layer.selection``: a one-hot
 - ``reference``: the straight-through mixture of the paper and official code,
   ``y = Σ_k m_k · op(Q^a_k(x), Q^w_k(W))`` (every branch computed).
 - ``fast``: without autograd (evaluation) each sample is routed to its selected
-  branch only, with quantized weights cached per candidate.
+  branch only, with quantized weights cached per candidate; with autograd
+  (training) :func:`~instaquant.fast_dynamic.mixture_forward` gives the mixture's
+  value and exact gradients with the backward run on each sample's branch only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fast_dynamic import mixture_forward
 from .quant.methods import Quantizer, make_activation_quantizer, make_weight_quantizer
 
 Selection = Tensor | tuple[Tensor, Tensor]
@@ -170,9 +173,19 @@ class _DynamicMixin:
             raise RuntimeError(
                 f"selection has {sel_w.shape[0]} samples but the input has {x.shape[0]}"
             )
-        if self.execution == "fast" and not (self.training and torch.is_grad_enabled()):
-            return self.routed_forward(x, sel_w, sel_a)
-        return self.reference_forward(x, sel_w, sel_a, joint)
+        if self.execution == "reference":
+            return self.reference_forward(x, sel_w, sel_a, joint)
+        if self._needs_grad(x, sel_w, sel_a):
+            return mixture_forward(self, x, sel_w, sel_a, joint)
+        return self.routed_forward(x, sel_w, sel_a)
+
+    def _needs_grad(self, x: Tensor, sel_w: Tensor, sel_a: Tensor) -> bool:
+        """Whether autograd may ask this call for gradients (routing alone cannot give them all)."""
+        if not torch.is_grad_enabled():
+            return False
+        if x.requires_grad or sel_w.requires_grad or sel_a.requires_grad:
+            return True
+        return any(p.requires_grad for p in self.parameters())
 
     def reference_forward(self, x: Tensor, sel_w: Tensor, sel_a: Tensor, joint: bool) -> Tensor:
         """The straight-through mixture over all K branches (paper / official code)."""
@@ -231,7 +244,10 @@ class _DynamicMixin:
         return wq
 
     def train(self, mode: bool = True):  # type: ignore[override]
-        self.__dict__.pop("_wcache", None)
+        # Training invalidates the cache; ``eval()`` keeps it, so a per-batch ``model.eval()``
+        # in an evaluation loop does not requantize every weight (updates are caught by version).
+        if mode:
+            self.__dict__.pop("_wcache", None)
         return super().train(mode)
 
     def extra_repr(self) -> str:

@@ -8,8 +8,10 @@ import torch
 
 from helpers import make_image_folder
 from instaquant import config as C
+from instaquant.builder import load_for_eval
 from instaquant.cli import main
-from instaquant.engine import evaluate, fit, load_for_eval, lr_factor
+from instaquant.engine import fit, lr_factor
+from instaquant.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data.name=digits", "data.limit=192", "data.batch_size=32", "model.name=digits_net"]
@@ -66,8 +68,9 @@ def test_quantized_recipes_from_fp_init_and_exact_eval(tmp_path, fp_run, recipe,
 
 
 def test_quant_params_get_no_weight_decay(tmp_path):
+    from instaquant.builder import build_model
     from instaquant.data import describe
-    from instaquant.engine import build_model, make_optimizer
+    from instaquant.engine import make_optimizer
 
     cfg = _cfg(tmp_path, "opt", "recipe=dynamic", "quant.bits=[2, 3]")
     model = build_model(cfg, describe(cfg.data), torch.device("cpu"))

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from instaquant import config as C
+from instaquant.builder import load_for_eval
 from instaquant.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from instaquant.cli import main
-from instaquant.engine import NonFiniteLossError, evaluate, fit, load_for_eval, train_model
+from instaquant.engine import NonFiniteLossError, fit, train_model
+from instaquant.evaluation import evaluate
 
 EMPTY = Path(__file__).parent / "empty_config.yaml"  # every key from the command line
 TINY = ["data.name=digits", "data.limit=160", "data.batch_size=32", "model.name=digits_net"]
@@ -143,7 +145,7 @@ def test_input_that_does_not_fit_the_model(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "takes 3 input channels" in err and len(err.splitlines()) == 1
     # Any other mismatch is caught by a probe forward before training starts.
-    from instaquant.engine import _check_input_fits
+    from instaquant.builder import _check_input_fits
 
     with pytest.raises(
         C.UserError, match=r"does not accept the data's images of shape \(1, 8, 8\)"

@@ -218,7 +218,7 @@ def _entropy_hook(store: list[Tensor]):
 
 
 def _evaluate_with_entropy(model: nn.Module, loader: Any, ref_bits: int) -> tuple[Any, Tensor]:
-    from .engine import evaluate
+    from .evaluation import evaluate
 
     # A hook on the top module sees the logits of exactly the batches evaluate() scores.
     entropies: list[Tensor] = []
@@ -251,7 +251,8 @@ def analyze(
 
     ``overrides`` are ``key=value`` changes to the stored config (e.g. ``device=cpu``).
     """
-    from .engine import evaluate, load_for_eval
+    from .builder import load_for_eval
+    from .evaluation import evaluate
 
     path = resolve_checkpoint(run, checkpoint)
     cfg, model, extra = load_for_eval(path, overrides)

@@ -73,7 +73,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .engine import evaluate, load_for_eval
+    from .builder import load_for_eval
+    from .evaluation import evaluate
 
     overrides = list(args.overrides)
     if args.data:
@@ -141,9 +142,9 @@ def _cost(args: argparse.Namespace) -> None:
     import torch
 
     from . import config as config_mod
+    from .builder import build_model, example_input
     from .cost import profile
     from .data import describe
-    from .engine import build_model, example_input
 
     cfg = config_mod.load(args.config, args.overrides)
     info = describe(cfg.data)

@@ -1,4 +1,4 @@
-"""Training and evaluation for the recipes fp | static | dynamic (DQ)."""
+"""Training for the recipes fp | static | dynamic (DQ): optimiser, schedule, loop, checkpoints."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,132 +17,20 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import config as config_mod
-from . import distributed, models
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from . import distributed
+from .builder import build_model, resolve_device, signed_plan
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, UserError
 from .controller import annealed_tau
-from .convert import DynamicQuantModel, DynamicSpec, QuantModel, dynamic, static
-from .cost import BITOPS_CONVENTION, Budget, controller_cost
-from .data import DatasetInfo, build_loaders
+from .convert import DynamicQuantModel, QuantModel
+from .cost import BITOPS_CONVENTION, controller_cost
+from .data import build_loaders
 from .distributed import DistContext
+from .evaluation import evaluate, reference_bitops
 
 
 class NonFiniteLossError(UserError):
     pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
-    return device
-
-
-def example_input(info: DatasetInfo, device: torch.device | str = "cpu") -> Tensor:
-    """A fixed random batch for the shape probe (random, so signed inputs show up as negative)."""
-    gen = torch.Generator().manual_seed(1234)
-    shape = (2, info.in_channels, info.image_size, info.image_size)
-    return torch.randn(shape, generator=gen).to(device)
-
-
-def spec_from_config(cfg: Config, signed: dict[str, bool] | None = None) -> DynamicSpec:
-    q, b = cfg.quant, cfg.budget
-    return DynamicSpec(
-        method=q.method,
-        bits=tuple(q.bits),
-        budget=Budget(b.kind, b.target_bits, b.target_bitops, b.weight),
-        tap=q.tap or models.DEFAULT_TAPS.get(cfg.model.name),
-        fixed_bits=q.fixed_bits,
-        first_last=q.first_last,
-        exclude=tuple(q.exclude),
-        separate=q.separate,
-        share=q.share,
-        signed=dict(signed or {}),
-        hidden=q.hidden,
-        dropout=q.dropout,
-        controller_norm=q.controller_norm,
-        tau=q.tau,
-        tau_final=q.tau_final,
-        sample_in_eval=q.sample_in_eval,
-        execution=q.execution,
-    )
-
-
-def _load_init(fp: nn.Module, cfg: Config) -> None:
-    """Full-precision weights from one of our fp checkpoints (a run dir or a .pt file)."""
-    ckpt = load_checkpoint(cfg.model.init)
-    src = ckpt.get("config", {}).get("model", {}).get("name")
-    if ckpt.get("recipe") != "fp":
-        raise CheckpointError(
-            f"model.init {cfg.model.init!r} is a {ckpt.get('recipe')!r} checkpoint; "
-            "initialise from a full-precision (recipe fp) run"
-        )
-    if src != cfg.model.name:
-        raise CheckpointError(
-            f"model.init {cfg.model.init!r} holds a {src!r} model but this run builds "
-            f"{cfg.model.name!r}"
-        )
-    try:
-        fp.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"model.init {cfg.model.init!r} does not fit: {first}") from None
-
-
-def build_model(
-    cfg: Config,
-    info: DatasetInfo,
-    device: torch.device,
-    signed: dict[str, bool] | None = None,
-    load_init: bool = True,
-) -> nn.Module:
-    """The network of ``cfg.recipe``; ``signed`` pins the signed-input decision per layer."""
-    fp = models.get(
-        cfg.model.name,
-        num_classes=info.num_classes,
-        pretrained=cfg.model.pretrained and load_init,
-        in_channels=info.in_channels,
-    ).to(device)
-    if cfg.model.init and load_init:
-        _load_init(fp, cfg)
-    example = example_input(info, device)
-    _check_input_fits(fp, example, cfg.model.name)
-    if cfg.recipe == "fp":
-        return fp
-    q = cfg.quant
-    if cfg.recipe == "static":
-        return static(
-            fp, q.method, q.bits[0], example, q.first_last, tuple(q.exclude), q.share, signed
-        )
-    return dynamic(fp, spec_from_config(cfg, signed), example)
-
-
-def _check_input_fits(model: nn.Module, example: Tensor, name: str) -> None:
-    """Fail early, in one line, when the data's images cannot go through the model."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserError(
-            f"model {name!r} does not accept the data's images of shape "
-            f"{tuple(example.shape[1:])} (channels, height, width): {first}"
-        ) from None
-    finally:
-        model.train(was_training)
-
-
-def signed_plan(model: nn.Module) -> dict[str, bool]:
-    if isinstance(model, QuantModel):
-        return {i.name: i.input_negative for i in model.quantized_layers}
-    return {}
-
-
-# --------------------------------------------------------------------------- optimisation
 
 
 def _is_quant_param(name: str) -> bool:
@@ -198,109 +85,6 @@ def _set_lr(opt: torch.optim.Optimizer, factor: float) -> float:
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * factor
     return opt.param_groups[0]["lr"]
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-PER_SAMPLE_KEYS = ("bitops", "bits_w", "bits_a", "pred", "label", "loss", "prob")
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, Any]
-    per_sample: dict[str, Tensor] = field(default_factory=dict)
-
-
-def _reference_bitops(model: nn.Module, ref_bits: int) -> float | None:
-    return model.static_bitops(ref_bits) if isinstance(model, QuantModel) else None
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable[tuple[Tensor, Tensor]],
-    ref_bits: int,
-    per_sample: bool = False,
-    progress: bool = False,
-    ctx: DistContext | None = None,
-) -> EvalResult:
-    """Top-1/top-5, loss and (quantized models) per-sample BitOPs and bit statistics.
-
-    Under DDP each rank evaluates its shard and the sums are all-reduced, so every
-    rank returns the metrics of the whole set.
-    """
-    ctx = ctx or DistContext()
-    was_training = model.training
-    model.eval()
-    # Sums reduced across ranks: n, loss, top1, top5, bitops, bits.
-    sums = torch.zeros(6, dtype=torch.float64)
-    lo, hi = (
-        torch.tensor([math.inf], dtype=torch.float64),
-        torch.tensor([-math.inf], dtype=torch.float64),
-    )
-    keep: dict[str, list[Tensor]] = {k: [] for k in PER_SAMPLE_KEYS}
-    choice_counts = None
-    ref = _reference_bitops(model, ref_bits)
-    for x, y in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
-        logits = model(x)
-        losses = F.cross_entropy(logits, y, reduction="none")
-        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums[0] += y.shape[0]
-        sums[1] += float(losses.sum())
-        sums[2] += int((topk[:, 0] == y).sum())
-        sums[3] += int((topk == y[:, None]).any(1).sum())
-        if per_sample:
-            keep["pred"].append(topk[:, 0].cpu())
-            keep["label"].append(y.cpu())
-            keep["loss"].append(losses.cpu())
-            keep["prob"].append(logits.softmax(1).max(1).values.cpu())
-        rec = getattr(model, "last", None)
-        if rec is not None:
-            bitops = rec.bitops.double().cpu()
-            sums[4] += float(bitops.sum())
-            sums[5] += float(((rec.bits_w + rec.bits_a) / 2).double().mean(1).sum())
-            lo = torch.minimum(lo, bitops.min().view(1))
-            hi = torch.maximum(hi, bitops.max().view(1))
-            if per_sample:
-                keep["bitops"].append(bitops)
-                keep["bits_w"].append(rec.bits_w.cpu())
-                keep["bits_a"].append(rec.bits_a.cpu())
-            if rec.selection is not None:
-                sel = rec.selection.sum(0).double().cpu()  # [L, K] or [L, 2, K]
-                choice_counts = sel if choice_counts is None else choice_counts + sel
-    model.train(was_training)
-    for t, op in ((sums, "sum"), (lo, "min"), (hi, "max")):
-        t.copy_(ctx.all_reduce(t.to(ctx.device), op).cpu())
-    if choice_counts is not None:
-        choice_counts = ctx.all_reduce(choice_counts.to(ctx.device)).cpu()
-    n = float(sums[0])
-    if n == 0:
-        raise UserError("the evaluation set is empty")
-    metrics: dict[str, Any] = {
-        "top1": 100.0 * float(sums[2]) / n,
-        "top5": 100.0 * float(sums[3]) / n,
-        "loss": float(sums[1]) / n,
-        "samples": int(n),
-    }
-    if ref is not None:
-        mean = float(sums[4]) / n
-        metrics.update(
-            bitops_mean=mean,
-            bitops_min=float(lo),
-            bitops_max=float(hi),
-            bitops_rel=mean / ref,
-            bits_mean=float(sums[5]) / n,
-        )
-    if choice_counts is not None:
-        metrics["candidate_fraction"] = (
-            choice_counts / choice_counts.sum(-1, keepdim=True)
-        ).tolist()
-    out = {k: torch.cat(v) for k, v in keep.items() if v}
-    return EvalResult(metrics, out)
-
-
-# --------------------------------------------------------------------------- training
 
 
 class _Writer:
@@ -616,7 +400,7 @@ class _EpochLoop:
         self.net, self.model, self.opt, self.cfg, self.ctx = net, model, opt, cfg, ctx
         self.epoch, self.steps, self.progress, self.stop = epoch, steps, progress, stop
         self.stopped_at: int | None = None
-        self.ref = _reference_bitops(model, cfg.ref_bits)
+        self.ref = reference_bitops(model, cfg.ref_bits)
         # n, loss, correct, budget, bitops_rel, bits: summed over samples, reduced over ranks.
         self.sums = torch.zeros(6, dtype=torch.float64)
 
@@ -697,25 +481,3 @@ class _EpochLoop:
         if isinstance(self.model, DynamicQuantModel):
             stats.update(train_budget_loss=float(s[3]) / n, tau=self.model.tau)
         return stats
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def load_for_eval(
-    path: str | Path, overrides: list[str] | None = None
-) -> tuple[Config, nn.Module, dict]:
-    """Rebuild the model of a checkpoint (config inside it, plus overrides) and load its weights."""
-    ckpt = load_checkpoint(path)
-    cfg = config_mod.from_dict(ckpt["config"], overrides)
-    device = resolve_device(cfg.device)
-    _, test_loader, info = build_loaders(cfg.data, cfg.seed, device)
-    model = build_model(cfg, info, device, signed=ckpt.get("signed"), load_init=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not fit the model it describes: {first}"
-        ) from None
-    return cfg, model, {"ckpt": ckpt, "test_loader": test_loader, "info": info}

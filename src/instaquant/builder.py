@@ -1,0 +1,146 @@
+"""Building the network of a run: device, model registry, initialisation, quantization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import config as config_mod
+from . import models
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Config, UserError
+from .convert import DynamicSpec, QuantModel, dynamic, static
+from .cost import Budget
+from .data import DatasetInfo, build_loaders
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
+    return device
+
+
+def example_input(info: DatasetInfo, device: torch.device | str = "cpu") -> Tensor:
+    """A fixed random batch for the shape probe (random, so signed inputs show up as negative)."""
+    gen = torch.Generator().manual_seed(1234)
+    shape = (2, info.in_channels, info.image_size, info.image_size)
+    return torch.randn(shape, generator=gen).to(device)
+
+
+def spec_from_config(cfg: Config, signed: dict[str, bool] | None = None) -> DynamicSpec:
+    q, b = cfg.quant, cfg.budget
+    return DynamicSpec(
+        method=q.method,
+        bits=tuple(q.bits),
+        budget=Budget(b.kind, b.target_bits, b.target_bitops, b.weight),
+        tap=q.tap or models.DEFAULT_TAPS.get(cfg.model.name),
+        fixed_bits=q.fixed_bits,
+        first_last=q.first_last,
+        exclude=tuple(q.exclude),
+        separate=q.separate,
+        share=q.share,
+        signed=dict(signed or {}),
+        hidden=q.hidden,
+        dropout=q.dropout,
+        controller_norm=q.controller_norm,
+        tau=q.tau,
+        tau_final=q.tau_final,
+        sample_in_eval=q.sample_in_eval,
+        execution=q.execution,
+    )
+
+
+def _load_init(fp: nn.Module, cfg: Config) -> None:
+    """Full-precision weights from one of our fp checkpoints (a run dir or a .pt file)."""
+    ckpt = load_checkpoint(cfg.model.init)
+    src = ckpt.get("config", {}).get("model", {}).get("name")
+    if ckpt.get("recipe") != "fp":
+        raise CheckpointError(
+            f"model.init {cfg.model.init!r} is a {ckpt.get('recipe')!r} checkpoint; "
+            "initialise from a full-precision (recipe fp) run"
+        )
+    if src != cfg.model.name:
+        raise CheckpointError(
+            f"model.init {cfg.model.init!r} holds a {src!r} model but this run builds "
+            f"{cfg.model.name!r}"
+        )
+    try:
+        fp.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"model.init {cfg.model.init!r} does not fit: {first}") from None
+
+
+def build_model(
+    cfg: Config,
+    info: DatasetInfo,
+    device: torch.device,
+    signed: dict[str, bool] | None = None,
+    load_init: bool = True,
+) -> nn.Module:
+    """The network of ``cfg.recipe``; ``signed`` pins the signed-input decision per layer."""
+    fp = models.get(
+        cfg.model.name,
+        num_classes=info.num_classes,
+        pretrained=cfg.model.pretrained and load_init,
+        in_channels=info.in_channels,
+    ).to(device)
+    if cfg.model.init and load_init:
+        _load_init(fp, cfg)
+    example = example_input(info, device)
+    _check_input_fits(fp, example, cfg.model.name)
+    if cfg.recipe == "fp":
+        return fp
+    q = cfg.quant
+    if cfg.recipe == "static":
+        return static(
+            fp, q.method, q.bits[0], example, q.first_last, tuple(q.exclude), q.share, signed
+        )
+    return dynamic(fp, spec_from_config(cfg, signed), example)
+
+
+def _check_input_fits(model: nn.Module, example: Tensor, name: str) -> None:
+    """Fail early, in one line, when the data's images cannot go through the model."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(
+            f"model {name!r} does not accept the data's images of shape "
+            f"{tuple(example.shape[1:])} (channels, height, width): {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def signed_plan(model: nn.Module) -> dict[str, bool]:
+    if isinstance(model, QuantModel):
+        return {i.name: i.input_negative for i in model.quantized_layers}
+    return {}
+
+
+def load_for_eval(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[Config, nn.Module, dict]:
+    """Rebuild the model of a checkpoint (config inside it, plus overrides) and load its weights."""
+    ckpt = load_checkpoint(path)
+    cfg = config_mod.from_dict(ckpt["config"], overrides)
+    device = resolve_device(cfg.device)
+    _, test_loader, info = build_loaders(cfg.data, cfg.seed, device)
+    model = build_model(cfg, info, device, signed=ckpt.get("signed"), load_init=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit the model it describes: {first}"
+        ) from None
+    return cfg, model, {"ckpt": ckpt, "test_loader": test_loader, "info": info}

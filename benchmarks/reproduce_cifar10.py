@@ -72,6 +72,7 @@ def plan(root: Path, out: Path, schedule: str, methods: list[str], limit: int | 
 
     runs = [run("fp", recipe="fp", model={"name": "resnet20"}, **sched["fp"])]
     init = {"name": "resnet20", "init": str(fp_dir)}
+    # All static runs first, then DQ: the baselines are complete before the longer runs.
     for method in methods:
         for bits in (3, 4, 5):
             runs.append(
@@ -84,6 +85,7 @@ def plan(root: Path, out: Path, schedule: str, methods: list[str], limit: int | 
                     **sched["qat"],
                 )
             )
+    for method in methods:
         for budget in (4, 3):
             runs.append(
                 run(

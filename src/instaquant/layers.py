@@ -207,25 +207,30 @@ class _DynamicMixin:
 
     def routed_forward(self, x: Tensor, sel_w: Tensor, sel_a: Tensor) -> Tensor:
         """Each sample through its selected branch only (hard selections, no mixture gradient)."""
-        iw = sel_w.argmax(dim=-1)
-        ia = sel_a.argmax(dim=-1)
-        pair = iw * len(self.bits) + ia
-        groups = torch.unique(pair).tolist()
-        if len(groups) == 1:
-            k = groups[0]
-            return self.op(
-                self.aq(x, k % len(self.bits)), self.quantized_weight(k // len(self.bits))
-            )
+        K = len(self.bits)
+        joint = sel_a is sel_w
+        # One key per sample: the candidate (joint) or the (weight, activation) pair.
+        key = sel_w.argmax(dim=-1)
+        if not joint:
+            key = key * K + sel_a.argmax(dim=-1)
+
+        def branch(k: int, rows: Tensor) -> Tensor:
+            iw, ia = (k, k) if joint else divmod(k, K)
+            return self.op(self.aq(rows, ia), self.quantized_weight(iw))
+
+        if x.shape[0] == 1:
+            return branch(int(key), x)
+        counts = torch.bincount(key, minlength=K if joint else K * K).tolist()
+        used = [k for k, c in enumerate(counts) if c]
+        if len(used) == 1:  # every sample chose the same branch: no gather/scatter
+            return branch(used[0], x)
+        rows = torch.argsort(key, stable=True).split(counts)
         out = None
-        for key in groups:
-            idx = (pair == key).nonzero(as_tuple=True)[0]
-            y = self.op(
-                self.aq(x.index_select(0, idx), key % len(self.bits)),
-                self.quantized_weight(key // len(self.bits)),
-            )
+        for k in used:
+            y = branch(k, x.index_select(0, rows[k]))
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out.index_copy_(0, idx, y)
+            out.index_copy_(0, rows[k], y)
         return out
 
     def quantized_weight(self, k: int) -> Tensor:

@@ -1,0 +1,210 @@
+"""Cost of dynamic execution relative to the static quantized model, measured side by side.
+
+Three models from the same full-precision network, in one process:
+
+- static:    ``iq.static(fp, method="pact", bits=4)``
+- fast:      ``iq.dynamic(fp, DynamicSpec(method="pact", bits=(3, 4, 5)))`` (default execution)
+- reference: the same dynamic model with ``execution="reference"`` (every branch, forward and
+  backward, as in the official code)
+
+A training step is forward + cross-entropy (+ ``budget_loss()``) + backward + SGD step.
+Inference is a forward under ``torch.no_grad()`` in eval mode, at batch 128 and batch 1
+(batch 1 timed over a loop of calls). Each repeat times every model once, in an order that
+rotates from repeat to repeat; a ratio is the median over repeats of the per-repeat ratio,
+so slow drifts of the machine's speed cancel.
+
+    python benchmarks/speed.py                 # both models, 7 repeats, 2 threads
+    python benchmarks/speed.py --models resnet20 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import instaquant as iq
+
+BITS = (3, 4, 5)
+VARIANTS = ("static", "fast", "reference")
+# Targets of issue 4 (ResNet-20, K = 3, batch 128, 2 CPU threads).
+TARGETS = {"train": 1.8, "infer": 1.15, "infer_b1": 1.2}
+
+
+@dataclass
+class Setup:
+    name: str
+    build: Callable[[], nn.Module]
+    size: int
+    batch: int
+    targets: bool
+
+
+SETUPS = {
+    "resnet20": Setup("resnet20", lambda: iq.models.resnet20(num_classes=10), 32, 128, True),
+    # 64x64 input keeps a CPU training step around a few seconds.
+    "resnet18": Setup(
+        "resnet18", lambda: iq.models.get("resnet18", num_classes=100), 64, 128, False
+    ),
+}
+
+
+def build_models(setup: Setup) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    fp = setup.build()
+    example = torch.randn(1, 3, setup.size, setup.size)
+    spec = iq.DynamicSpec(method="pact", bits=BITS)
+    fast = iq.dynamic(fp, spec, example_input=example)
+    # A fresh controller (last layer at std 0.01) picks nearly one candidate for every sample;
+    # unit-gain random weights make choices depend on the input, so routing is exercised.
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for lin in (fast.controller.fc1, fast.controller.fc2):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features**0.5)
+    reference = copy.deepcopy(fast)
+    for layer in reference.dynamic_modules():
+        layer.execution = "reference"
+    static = iq.static(fp, method="pact", bits=BITS[1], example_input=example)
+    return {"static": static, "fast": fast, "reference": reference}
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    model.train()
+    loss = F.cross_entropy(model(x), y) + model.budget_loss()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def infer(model: nn.Module, x: torch.Tensor, calls: int = 1) -> None:
+    model.eval()
+    with torch.no_grad():
+        for _ in range(calls):
+            model(x)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(
+    jobs: dict[str, Callable[[], None]], repeats: int, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds per job and repeat; every repeat runs each job once, the order rotating."""
+    names = list(jobs)
+    for _ in range(warmup):
+        for name in names:
+            jobs[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timed(jobs[name]))
+    return times
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+
+def choice_summary(bits: torch.Tensor) -> str:
+    """Bit shares and the mean number of candidate groups per layer in a ``[B, L]`` choice."""
+    shares = " ".join(f"{b}b {float((bits == b).float().mean()):.0%}" for b in BITS)
+    groups = statistics.mean(len(torch.unique(bits[:, i])) for i in range(bits.shape[1]))
+    return f"{shares}, {groups:.2f} candidate groups per layer"
+
+
+def varied_batch(batch: int, size: int, seed: int = 1) -> torch.Tensor:
+    """Random images whose contrast and brightness differ per sample, as real images do."""
+    g = torch.Generator().manual_seed(seed)
+    contrast = torch.linspace(0.2, 3.0, batch)[torch.randperm(batch, generator=g)]
+    x = torch.randn(batch, 3, size, size, generator=g) * contrast.view(batch, 1, 1, 1)
+    return x + torch.randn(batch, 3, 1, 1, generator=g)
+
+
+def run(setup: Setup, repeats: int, b1_calls: int) -> list[tuple[str, float, float | None]]:
+    models = build_models(setup)
+    x = varied_batch(setup.batch, setup.size)
+    y = torch.randint(0, 10, (setup.batch,), generator=torch.Generator().manual_seed(1))
+    x1 = x[:1].clone()
+    opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
+
+    print(f"\n## {setup.name}, {setup.size}x{setup.size} input, batch {setup.batch}, bits {BITS}")
+    train = interleaved(
+        {n: (lambda m=m, o=opts[n]: train_step(m, o, x, y)) for n, m in models.items()}, repeats
+    )
+    print("training choices (last step): " + choice_summary(models["fast"].last.bits_w))
+    infer(models["fast"], x)
+    print("evaluation choices:           " + choice_summary(models["fast"].last.bits_w))
+    inf = interleaved({n: (lambda m=m: infer(m, x)) for n, m in models.items()}, repeats)
+    inf1 = interleaved(
+        {n: (lambda m=m: infer(m, x1, b1_calls)) for n, m in models.items()}, repeats
+    )
+    for label, t, scale, unit in (
+        ("train step", train, 1.0, "s"),
+        (f"inference b{setup.batch}", inf, 1.0, "s"),
+        ("inference b1", inf1, 1e3 / b1_calls, "ms"),
+    ):
+        med = {n: statistics.median(t[n]) * scale for n in VARIANTS}
+        print(f"{label:>16}: " + "  ".join(f"{n} {med[n]:.4g} {unit}" for n in VARIANTS))
+
+    target = (lambda key: TARGETS[key]) if setup.targets else (lambda key: None)
+    return [
+        ("train step dynamic/static", ratio(train, "fast", "static"), target("train")),
+        (f"inference b{setup.batch} dynamic/static", ratio(inf, "fast", "static"), target("infer")),
+        ("inference b1 dynamic/static", ratio(inf1, "fast", "static"), target("infer_b1")),
+        ("train step reference/fast", ratio(train, "reference", "fast"), None),
+        (f"inference b{setup.batch} reference/fast", ratio(inf, "reference", "fast"), None),
+        ("inference b1 reference/fast", ratio(inf1, "reference", "fast"), None),
+        ("train step reference/static", ratio(train, "reference", "static"), None),
+        (f"inference b{setup.batch} reference/static", ratio(inf, "reference", "static"), None),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats (>= 5)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--b1-calls", type=int, default=20, help="batch-1 calls per repeat")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5")
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads of {os.cpu_count()} CPUs, "
+        f"{platform.machine()}, PACT, {args.repeats} interleaved repeats "
+        "(median of per-repeat ratios)"
+    )
+    # Other processes on the machine distort timings; say how busy it was.
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    rows = []
+    for name in args.models:
+        rows += [(name, *r) for r in run(SETUPS[name], args.repeats, args.b1_calls)]
+
+    print("\n| model | ratio | measured | target |\n|---|---|---|---|")
+    missed = 0
+    for model, label, value, target in rows:
+        verdict = ""
+        if target is not None:
+            ok = value <= target
+            missed += not ok
+            verdict = f"<= {target} {'met' if ok else 'MISSED'}"
+        print(f"| {model} | {label} | {value:.2f}x | {verdict} |")
+    print("\nall targets met" if missed == 0 else f"\n{missed} target(s) missed")
+    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

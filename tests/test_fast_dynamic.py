@@ -1,0 +1,401 @@
+"""Fast dynamic execution against the reference mixture: outputs and every gradient.
+
+Layer-level tests run in float64 and hold the fast training path to the reference mixture
+``Σ_k m_k · op(Q^a_k(x), Q^w_k(W))``: the output exactly (both compute the same branch
+values), every gradient (input, weight, bias, quantizer α/step, selection logits) to
+float64 rounding. Model-level tests do the same through a whole dynamic ResNet-20 with the
+controller's Gumbel sampling replayed from one seed.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import instaquant as iq
+from instaquant import fast_dynamic
+from instaquant.layers import DynamicQConv2d, DynamicQLinear
+
+EXACT = dict(atol=0, rtol=0)
+GRAD = dict(atol=1e-12, rtol=1e-10)
+K = 3
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _layer(kind="conv", method="pact", signed=False, lazy=False, **conv_kw):
+    """A float64 dynamic layer; its clips/steps set so that some inputs fall outside the range."""
+    if kind == "conv":
+        kw = dict(in_channels=6, out_channels=8, kernel_size=3, padding=1, bias=True) | conv_kw
+        base = nn.Conv2d(**kw)
+        layer = DynamicQConv2d.from_float(base, method, (3, 4, 5), signed)
+    else:
+        layer = DynamicQLinear.from_float(nn.Linear(12, 7), method, (3, 4, 5), signed)
+    layer.double()
+    if not lazy:
+        with torch.no_grad():
+            if method == "pact":
+                layer.aq.alpha.copy_(torch.tensor([0.9, 1.2, 1.6]))
+            if method == "lsq":
+                layer.aq.step.copy_(torch.tensor([0.5, 0.25, 0.12]))
+                layer.wq.step.copy_(torch.tensor([0.2, 0.1, 0.05]))
+            for q in (layer.aq, layer.wq):
+                if hasattr(q, "initialized"):
+                    q.initialized.fill_(True)
+    return layer
+
+
+def _input(layer, batch, seed=0):
+    g = _gen(seed)
+    shape = (batch, 6, 9, 9) if isinstance(layer, nn.Conv2d) else (batch, 12)
+    scale = torch.linspace(0.3, 2.0, batch).reshape(batch, *[1] * (len(shape) - 1))
+    return (torch.randn(shape, generator=g) * scale + 0.3).double()
+
+
+def _choices(name, batch):
+    """Per-sample candidate indices for the selection patterns under test."""
+    if name == "mixed":
+        return torch.arange(batch) % K
+    if name == "two_of_three":  # candidate 1 never chosen
+        return torch.where(torch.arange(batch) % 3 == 0, 2, 0)
+    if name == "all_same":
+        return torch.full((batch,), 1)
+    raise ValueError(name)
+
+
+def _selection(choice, seed=0, separate=False, grad=True):
+    """A hard straight-through selection (like Gumbel-Softmax's) with ``choice`` as its argmax.
+
+    Returns the leaf logits (to read their gradient) and the one-hot: ``one_hot - p.detach() + p``.
+    With ``separate`` the activations choose ``(k + 1) mod K``, unlike the weights.
+    """
+    shape = (choice.shape[0], 2, K) if separate else (choice.shape[0], K)
+    logits = torch.randn(shape, generator=_gen(seed + 100), dtype=torch.float64)
+    logits.requires_grad_(grad)
+    p = logits.softmax(-1)
+    idx = torch.stack([choice, (choice + 1) % K], 1) if separate else choice
+    hard = F.one_hot(idx, K).double()
+    return logits, hard - p.detach() + p
+
+
+def _run(layer, x, choice, separate=False, seed=0, grad=True):
+    """Forward + a random linear loss + backward; returns output and all gradients."""
+    x = x.clone().requires_grad_(grad)
+    logits, sel = _selection(choice, seed, separate, grad)
+    layer.selection = (sel[:, 0], sel[:, 1]) if separate else sel
+    out = layer(x)
+    r = torch.randn(out.shape, generator=_gen(seed + 7), dtype=out.dtype)
+    if not grad:
+        return out, {}
+    (out * r).sum().backward()
+    grads = {"x": x.grad, "logits": logits.grad}
+    grads |= {n: p.grad for n, p in layer.named_parameters()}
+    return out, grads
+
+
+def _compare(fast_layer, ref_layer, x, choice, separate=False):
+    ref_layer.execution = "reference"
+    out_f, g_f = _run(fast_layer, x, choice, separate)
+    out_r, g_r = _run(ref_layer, x, choice, separate)
+    torch.testing.assert_close(out_f, out_r, **EXACT)
+    assert g_f.keys() == g_r.keys()
+    for name in g_r:
+        assert g_r[name] is not None and g_f[name] is not None, name
+        torch.testing.assert_close(g_f[name], g_r[name], **GRAD, msg=lambda m, n=name: f"{n}: {m}")
+    return g_f
+
+
+@pytest.mark.parametrize("method", ["pact", "lsq", "dorefa"])
+@pytest.mark.parametrize("pattern", ["mixed", "two_of_three", "all_same"])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_layer_matches_reference_joint(method, pattern, kind):
+    layer = _layer(kind, method)
+    ref = copy.deepcopy(layer)
+    x = _input(layer, 9)
+    grads = _compare(layer, ref, x, _choices(pattern, 9))
+    # The test would be empty if nothing reached the quantizer parameters or the controller.
+    assert grads["logits"].abs().sum() > 0 and grads["weight"].abs().sum() > 0
+    for name, g in grads.items():
+        if name.endswith(("alpha", "step")):
+            assert g.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("method", ["pact", "lsq"])
+@pytest.mark.parametrize("pattern", ["mixed", "all_same"])
+def test_layer_matches_reference_separate(method, pattern):
+    layer = _layer("conv", method)
+    _compare(layer, copy.deepcopy(layer), _input(layer, 9), _choices(pattern, 9), separate=True)
+
+
+@pytest.mark.parametrize("method", ["pact", "lsq", "dorefa"])
+@pytest.mark.parametrize("separate", [False, True])
+def test_layer_batch_size_one(method, separate):
+    layer = _layer("conv", method)
+    _compare(layer, copy.deepcopy(layer), _input(layer, 1), torch.tensor([2]), separate)
+
+
+@pytest.mark.parametrize(
+    "conv_kw",
+    [
+        dict(stride=2, bias=False),
+        dict(groups=2, dilation=2, padding=2),
+        dict(in_channels=6, out_channels=6, groups=6),  # depthwise (MobileNet)
+        dict(padding_mode="reflect"),
+        dict(padding_mode="circular", kernel_size=(3, 1), padding=(1, 0)),
+        dict(padding="same"),  # handled by the reference fallback
+    ],
+)
+def test_conv_variants_match_reference(conv_kw):
+    layer = _layer("conv", "pact", **conv_kw)
+    _compare(layer, copy.deepcopy(layer), _input(layer, 7), _choices("mixed", 7))
+
+
+def test_signed_activation_quantizer():
+    layer = _layer("conv", "pact", signed=True)
+    _compare(layer, copy.deepcopy(layer), _input(layer, 8) - 0.8, _choices("mixed", 8))
+
+
+def test_lazy_init_sees_the_whole_batch():
+    """The first call initialises PACT's α from the full batch, not from a candidate's rows."""
+    for method in ("pact", "lsq"):
+        layer = _layer("conv", method, lazy=True)
+        ref = copy.deepcopy(layer)
+        x = _input(layer, 9)
+        _compare(layer, ref, x, _choices("mixed", 9))
+        for name, value in layer.aq.named_parameters():
+            torch.testing.assert_close(value, getattr(ref.aq, name), **EXACT)
+            assert (value != 1.0).all(), "initialised from the data"
+        assert bool(layer.aq.initialized.all())
+
+
+def test_soft_selection_falls_back_to_the_reference():
+    layer = _layer("conv", "pact")
+    ref = copy.deepcopy(layer)
+    ref.execution = "reference"
+    x = _input(layer, 5)
+    soft = torch.softmax(torch.randn(5, K, generator=_gen(3), dtype=torch.float64), -1)
+    outs = []
+    for lay in (layer, ref):
+        lay.selection = soft
+        outs.append(lay(x.clone().requires_grad_(True)))
+    torch.testing.assert_close(outs[0], outs[1], **EXACT)
+    assert fast_dynamic.plan_from_selection(soft) is None
+
+
+class _CallRecorder(TorchDispatchMode):
+    """Batch sizes of every convolution forward/backward that runs under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward, self.backward = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.forward.append(args[0].shape[0])
+        elif func is torch.ops.aten.convolution_backward.default:
+            self.backward.append(args[0].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("pattern", ["mixed", "two_of_three", "all_same"])
+def test_backward_runs_only_on_selected_branches(pattern):
+    layer = _layer("conv", "pact")
+    x = _input(layer, 9)
+    choice = _choices(pattern, 9)
+    calls = []
+    layer.wq.register_forward_hook(lambda *a: calls.append(1))
+    with _CallRecorder() as rec:
+        _run(layer, x, choice)
+    assert rec.forward == [9] * K, "every branch's forward runs on the whole batch"
+    counts = torch.bincount(choice, minlength=K)
+    assert sorted(rec.backward) == sorted(c for c in counts.tolist() if c > 0)
+    assert len(calls) == K, "each candidate's quantized weight is computed once"
+
+
+def test_reference_runs_every_branch_backward():
+    """Control for the test above: the mixture differentiates all K branches on all samples."""
+    layer = _layer("conv", "pact")
+    layer.execution = "reference"
+    with _CallRecorder() as rec:
+        _run(layer, _input(layer, 9), _choices("mixed", 9))
+    assert rec.backward == [9] * K
+
+
+def test_dispatch_between_paths(monkeypatch):
+    layer = _layer("conv", "pact")
+    x = _input(layer, 6)
+    seen = []
+    monkeypatch.setattr(layer, "routed_forward", lambda *a: seen.append("routed") or x)
+    spy = _Spy(seen, fast_dynamic._SelectedBranches)
+    monkeypatch.setattr(fast_dynamic, "_SelectedBranches", spy)
+    _run(layer, x, _choices("mixed", 6))  # grad needed: exact-gradient path
+    layer.eval()
+    _run(layer, x, _choices("mixed", 6))  # eval with autograd on: still the gradient path
+    with torch.no_grad():
+        _run(layer, x, _choices("mixed", 6), grad=False)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    _run(layer, x, _choices("mixed", 6), grad=False)  # nothing can receive a gradient
+    assert seen == ["mixture", "mixture", "routed", "routed"]
+
+
+class _Spy:
+    def __init__(self, seen, function):
+        self.seen, self.function = seen, function
+
+    def apply(self, *args):
+        self.seen.append("mixture")
+        return self.function.apply(*args)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("pattern", ["mixed", "two_of_three", "all_same"])
+@pytest.mark.parametrize("batch", [1, 9])
+@pytest.mark.parametrize("separate", [False, True])
+def test_routed_eval_matches_reference(pattern, batch, separate):
+    layer = _layer("conv", "pact")
+    x = _input(layer, batch)
+    choice = _choices(pattern, batch)
+    _run(layer, x, choice, separate)  # a training step first, like a real model
+    layer.selection = None
+    layer.eval()
+    ref = copy.deepcopy(layer)
+    ref.execution = "reference"
+    with torch.no_grad():
+        out_f, _ = _run(layer, x, choice, separate, grad=False)
+        out_r, _ = _run(ref, x, choice, separate, grad=False)
+    # Routing convolves each candidate's rows apart: float64 rounding differs from the mixture.
+    torch.testing.assert_close(out_f, out_r, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("pattern", ["mixed", "two_of_three", "all_same"])
+def test_routed_eval_convolves_each_sample_once(pattern):
+    layer = _layer("conv", "pact").eval()
+    choice = _choices(pattern, 9)
+    with torch.no_grad(), _CallRecorder() as rec:
+        _run(layer, _input(layer, 9), choice, grad=False)
+    counts = torch.bincount(choice, minlength=K).tolist()
+    assert sorted(rec.forward) == sorted(c for c in counts if c > 0)
+
+
+def test_eval_weight_cache_is_invalidated():
+    layer = _layer("conv", "lsq")
+    x = _input(layer, 6)
+    _run(layer, x, _choices("mixed", 6))  # initialise the LSQ steps
+    layer.eval()
+    fresh = lambda k: layer.wq(layer.weight, k).detach()  # noqa: E731
+    with torch.no_grad():
+        first = layer.quantized_weight(1)
+        assert layer.quantized_weight(1) is first, "cached in eval mode"
+        torch.testing.assert_close(first, fresh(1), **EXACT)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    _run(layer, x, _choices("mixed", 6))
+    opt.step()  # in-place update of weight and step
+    with torch.no_grad():
+        torch.testing.assert_close(layer.quantized_weight(1), fresh(1), **EXACT)
+        assert not torch.equal(layer.quantized_weight(1), first)
+        state = copy.deepcopy(layer.state_dict())
+        state["wq.step"].mul_(2)
+        layer.load_state_dict(state)
+        torch.testing.assert_close(layer.quantized_weight(1), fresh(1), **EXACT)
+        cached = layer.quantized_weight(1)
+    layer.train()
+    layer.eval()
+    with torch.no_grad():
+        assert layer.quantized_weight(1) is not cached, "train() clears the cache"
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def _model(method="pact", separate=False, bias=None):
+    fp = iq.models.resnet20(num_classes=10)
+    spec = iq.DynamicSpec(method=method, bits=(3, 4, 5), separate=separate)
+    model = iq.dynamic(fp, spec, example_input=torch.randn(1, 3, 16, 16)).double()
+    g = _gen(1)
+    with torch.no_grad():
+        for lin in (model.controller.fc1, model.controller.fc2):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 3.0)
+            lin.bias.zero_()
+        if bias is not None:  # one candidate far ahead: every sample picks it
+            model.controller.fc2.weight.zero_()
+            model.controller.fc2.bias.copy_(bias.repeat(model.controller.fc2.bias.numel() // K))
+    return model
+
+
+def _varied(n, seed=0):
+    g = _gen(seed)
+    scale = torch.linspace(0.2, 3.0, n).view(n, 1, 1, 1)
+    return (
+        torch.randn(n, 3, 16, 16, generator=g) * scale + torch.randn(n, 3, 1, 1, generator=g)
+    ).double()
+
+
+def _train_step(model, x, y, seed=5):
+    torch.manual_seed(seed)  # same Gumbel noise and dropout for both executions
+    out = model(x)
+    (F.cross_entropy(out, y) + model.budget_loss()).backward()
+    return out
+
+
+def _assert_models_match(fast, ref, x, y):
+    for layer in ref.dynamic_modules():
+        layer.execution = "reference"
+    out_f, out_r = _train_step(fast, x, y), _train_step(ref, x, y)
+    torch.testing.assert_close(out_f, out_r, **EXACT)
+    torch.testing.assert_close(fast.last.selection, ref.last.selection, **EXACT)
+    named_r = dict(ref.named_parameters())
+    checked = 0
+    for name, p in fast.named_parameters():
+        q = named_r[name]
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-9, msg=name)
+            checked += 1
+    assert checked == sum(p.grad is not None for p in named_r.values()) > 50
+    return fast.last
+
+
+@pytest.mark.parametrize("method", ["pact", "lsq"])
+def test_model_train_step_matches_reference(method):
+    fast = _model(method)
+    ref = copy.deepcopy(fast)
+    x, y = _varied(8), torch.arange(8)
+    rec = _assert_models_match(fast, ref, x, y)
+    assert torch.unique(rec.bits_w, dim=0).shape[0] > 1, "samples should choose differently"
+    assert fast.controller.fc2.weight.grad.abs().sum() > 0
+    aq = fast.model.layer3[2].conv2.aq
+    assert (aq.alpha if method == "pact" else aq.step).grad.abs().sum() > 0
+
+
+def test_model_separate_choice_matches_reference():
+    fast = _model("pact", separate=True)
+    _assert_models_match(fast, copy.deepcopy(fast), _varied(6), torch.arange(6))
+
+
+def test_model_batch_size_one_and_all_same_candidate():
+    fast = _model("pact")
+    _assert_models_match(fast, copy.deepcopy(fast), _varied(1), torch.tensor([3]))
+    same = _model("pact", bias=torch.tensor([0.0, 40.0, 0.0], dtype=torch.float64))
+    rec = _assert_models_match(same, copy.deepcopy(same), _varied(6), torch.arange(6))
+    assert (rec.bits_w == 4).all()
+
+
+def test_model_eval_mode_with_gradients_matches_reference():
+    fast = _model("pact")
+    x, y = _varied(6), torch.arange(6)
+    _train_step(fast, x, y)  # initialise the quantizers
+    fast.zero_grad()
+    ref = copy.deepcopy(fast)
+    fast.eval()
+    ref.eval()
+    _assert_models_match(fast, ref, x, y)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), atol=1e-12, rtol=1e-12)

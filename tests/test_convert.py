@@ -249,3 +249,27 @@ def test_single_candidate_works_as_static():
     model(x)
     assert (model.last.bits_w == 4).all()
     torch.testing.assert_close(model.last.bitops, torch.full((2,), model.static_bitops(4)))
+
+
+def test_static_eval_weight_cache_follows_updates():
+    qs = iq.static(iq.models.resnet20(), method="lsq", bits=4, example_input=torch.randn(*X32))
+    x = torch.randn(2, 3, 32, 32)
+    qs.train()
+    with torch.no_grad():
+        qs(x)  # initialise the LSQ steps
+    qs.eval()
+    with torch.no_grad():
+        before = qs(x)
+        state = {
+            k: v * 1.5 if k.endswith("conv1.weight") else v for k, v in qs.state_dict().items()
+        }
+        qs.load_state_dict(state)
+        after = qs(x)
+        fresh = iq.static(
+            iq.models.resnet20(), method="lsq", bits=4, example_input=torch.randn(*X32)
+        )
+        fresh.load_state_dict(state)
+        fresh.eval()
+        expected = fresh(x)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, expected, atol=0, rtol=0)

@@ -88,7 +88,36 @@ def _linear_kwargs(lin: nn.Linear) -> dict:
 # --------------------------------------------------------------------------- static
 
 
-class _StaticMixin:
+class _WeightCache:
+    """Quantized weights per candidate, cached when no gradient is needed (evaluation)."""
+
+    weight: nn.Parameter
+    wq: Quantizer
+
+    def quantized_weight(self, k: int) -> Tensor:
+        """Candidate ``k``'s quantized weight, cached in evaluation mode."""
+        if self.training or torch.is_grad_enabled():
+            return self.wq(self.weight, k)
+        cache = self.__dict__.setdefault("_wcache", {})
+        # In-place updates (optimizer steps, load_state_dict) bump ``_version``.
+        tracked = (self.weight, *self.wq.parameters(), *self.wq.buffers())
+        key = tuple((t.data_ptr(), t._version) for t in tracked)
+        hit = cache.get(k)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        wq = self.wq(self.weight, k)
+        cache[k] = (key, wq)
+        return wq
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        # Training invalidates the cache; ``eval()`` keeps it, so a per-batch ``model.eval()``
+        # in an evaluation loop does not requantize every weight (updates are caught by version).
+        if mode:
+            self.__dict__.pop("_wcache", None)
+        return super().train(mode)
+
+
+class _StaticMixin(_WeightCache):
     """Fixed bit-width: ``op(Q^a(x), Q^w(W))``."""
 
     wq: Quantizer
@@ -103,7 +132,7 @@ class _StaticMixin:
         _place_like(self.weight, self.wq, self.aq)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.op(self.aq(x, 0), self.wq(self.weight, 0))
+        return self.op(self.aq(x, 0), self.quantized_weight(0))
 
 
 class QConv2d(_StaticMixin, _ConvOp):
@@ -135,7 +164,7 @@ class QLinear(_StaticMixin, _LinearOp):
 # --------------------------------------------------------------------------- dynamic
 
 
-class _DynamicMixin:
+class _DynamicMixin(_WeightCache):
     """Per-sample bit-width from ``self.selection`` (see the module docstring)."""
 
     wq: Quantizer
@@ -232,28 +261,6 @@ class _DynamicMixin:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out.index_copy_(0, rows[k], y)
         return out
-
-    def quantized_weight(self, k: int) -> Tensor:
-        """Candidate ``k``'s quantized weight, cached in evaluation mode."""
-        if self.training or torch.is_grad_enabled():
-            return self.wq(self.weight, k)
-        cache = self.__dict__.setdefault("_wcache", {})
-        # In-place updates (optimizer steps, load_state_dict) bump ``_version``.
-        tracked = (self.weight, *self.wq.parameters(), *self.wq.buffers())
-        key = tuple((t.data_ptr(), t._version) for t in tracked)
-        hit = cache.get(k)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        wq = self.wq(self.weight, k)
-        cache[k] = (key, wq)
-        return wq
-
-    def train(self, mode: bool = True):  # type: ignore[override]
-        # Training invalidates the cache; ``eval()`` keeps it, so a per-batch ``model.eval()``
-        # in an evaluation loop does not requantize every weight (updates are caught by version).
-        if mode:
-            self.__dict__.pop("_wcache", None)
-        return super().train(mode)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, execution={self.execution}"

@@ -7,6 +7,13 @@ Three models from the same full-precision network, in one process:
 - reference: the same dynamic model with ``execution="reference"`` (every branch, forward and
   backward, as in the official code)
 
+Before timing, one no-grad pass in training mode sets every batch norm's running statistics to
+the benchmark batch's (a fresh model's unit statistics are not what evaluation sees) and
+initialises the quantizers; no weight changes. The dynamic models keep the controller
+``iq.dynamic`` builds; the script prints how its choices split the batch (candidate groups per
+layer), since routing cost grows with the split. Training is timed first, then inference (in a
+fresh process the first large allocations are slow, which distorts inference timings).
+
 A training step is forward + cross-entropy (+ ``budget_loss()``) + backward + SGD step.
 Inference is a forward under ``torch.no_grad()`` in eval mode, at batch 128 and batch 1
 (batch 1 timed over a loop of calls). Each repeat times every model once, in an order that
@@ -15,6 +22,10 @@ so slow drifts of the machine's speed cancel.
 
     python benchmarks/speed.py                 # both models, 7 repeats, 2 threads
     python benchmarks/speed.py --models resnet20 --repeats 5
+    python benchmarks/speed.py --checkpoint runs/reproduce_cifar10/pact_dq_budget4/best.pt
+
+``--checkpoint`` adds the inference of a trained dynamic model on its own test images, whose
+controller splits the batch as training left it.
 """
 
 from __future__ import annotations
@@ -64,17 +75,26 @@ def build_models(setup: Setup) -> dict[str, nn.Module]:
     example = torch.randn(1, 3, setup.size, setup.size)
     spec = iq.DynamicSpec(method="pact", bits=BITS)
     fast = iq.dynamic(fp, spec, example_input=example)
-    # A fresh controller (last layer at std 0.01) picks nearly one candidate for every sample;
-    # unit-gain random weights make choices depend on the input, so routing is exercised.
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for lin in (fast.controller.fc1, fast.controller.fc2):
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features**0.5)
     reference = copy.deepcopy(fast)
     for layer in reference.dynamic_modules():
         layer.execution = "reference"
     static = iq.static(fp, method="pact", bits=BITS[1], example_input=example)
     return {"static": static, "fast": fast, "reference": reference}
+
+
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """Batch-norm statistics of ``x`` (a fresh model's unit statistics leave activations unscaled),
+    and lazily initialised quantizer ranges; no weight changes."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = 1.0  # one pass sets the running statistics to the batch's
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
@@ -137,9 +157,13 @@ def run(setup: Setup, repeats: int, b1_calls: int) -> list[tuple[str, float, flo
     x = varied_batch(setup.batch, setup.size)
     y = torch.randint(0, 10, (setup.batch,), generator=torch.Generator().manual_seed(1))
     x1 = x[:1].clone()
-    opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
-
     print(f"\n## {setup.name}, {setup.size}x{setup.size} input, batch {setup.batch}, bits {BITS}")
+
+    for model in models.values():
+        calibrate(model, x)
+    # Training first: it also brings the process to its steady state (allocator, caches), which
+    # inference timed in a fresh process does not have.
+    opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
     train = interleaved(
         {n: (lambda m=m, o=opts[n]: train_step(m, o, x, y)) for n, m in models.items()}, repeats
     )
@@ -150,6 +174,19 @@ def run(setup: Setup, repeats: int, b1_calls: int) -> list[tuple[str, float, flo
     inf1 = interleaved(
         {n: (lambda m=m: infer(m, x1, b1_calls)) for n, m in models.items()}, repeats
     )
+    # The same dynamic model with every layer forced to one candidate: the cost of the
+    # controller and bookkeeping alone, without splitting the batch.
+    fast = models["fast"]
+    middle = [BITS[len(BITS) // 2]] * len(fast.dynamic_layers)
+
+    def forced() -> None:
+        with fast.forced_bits(middle):
+            infer(fast, x)
+
+    inf_forced = interleaved(
+        {"static": lambda: infer(models["static"], x), "forced": forced}, repeats
+    )
+
     for label, t, scale, unit in (
         ("train step", train, 1.0, "s"),
         (f"inference b{setup.batch}", inf, 1.0, "s"),
@@ -159,15 +196,58 @@ def run(setup: Setup, repeats: int, b1_calls: int) -> list[tuple[str, float, flo
         print(f"{label:>16}: " + "  ".join(f"{n} {med[n]:.4g} {unit}" for n in VARIANTS))
 
     target = (lambda key: TARGETS[key]) if setup.targets else (lambda key: None)
+    b = setup.batch
     return [
         ("train step dynamic/static", ratio(train, "fast", "static"), target("train")),
-        (f"inference b{setup.batch} dynamic/static", ratio(inf, "fast", "static"), target("infer")),
+        (f"inference b{b} dynamic/static", ratio(inf, "fast", "static"), target("infer")),
         ("inference b1 dynamic/static", ratio(inf1, "fast", "static"), target("infer_b1")),
+        (
+            f"inference b{b} dynamic forced to one candidate/static",
+            ratio(inf_forced, "forced", "static"),
+            None,
+        ),
         ("train step reference/fast", ratio(train, "reference", "fast"), None),
-        (f"inference b{setup.batch} reference/fast", ratio(inf, "reference", "fast"), None),
+        (f"inference b{b} reference/fast", ratio(inf, "reference", "fast"), None),
         ("inference b1 reference/fast", ratio(inf1, "reference", "fast"), None),
         ("train step reference/static", ratio(train, "reference", "static"), None),
-        (f"inference b{setup.batch} reference/static", ratio(inf, "reference", "static"), None),
+        (f"inference b{b} reference/static", ratio(inf, "reference", "static"), None),
+    ]
+
+
+def run_checkpoint(path: str, repeats: int, b1_calls: int) -> list[tuple[str, float, None]]:
+    """Inference of a trained dynamic model (a training run's checkpoint) on its test images,
+    against a static model of the same architecture at the middle candidate's bits."""
+    from instaquant.builder import load_for_eval  # the training stack: only for this option
+
+    cfg, model, extra = load_for_eval(path, ["data.workers=0"])
+    if not isinstance(model, iq.DynamicQuantModel):
+        raise SystemExit(f"{path} does not hold a dynamic model")
+    spec, info = model.spec, extra["info"]
+    x = next(iter(extra["test_loader"]))[0][:128].contiguous()
+    fp = iq.models.get(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels)
+    bits = spec.bits[len(spec.bits) // 2]
+    static = iq.static(fp, spec.method, bits, example_input=x[:1], first_last=spec.first_last)
+    calibrate(static, x)
+    # Steady state first (a fresh process's first large allocations are slow): a few training
+    # steps of a throw-away copy.
+    scratch = copy.deepcopy(static)
+    opt = torch.optim.SGD(scratch.parameters(), lr=0.0)
+    for _ in range(3):
+        train_step(scratch, opt, x, torch.zeros(x.shape[0], dtype=torch.long))
+    del scratch
+    model.eval()
+    print(f"\n## {path}: {x.shape[0]} test images, bits {spec.bits} vs static {bits}")
+    infer(model, x)
+    print("evaluation choices: " + choice_summary(model.last.bits_w))
+    pair = {"static": static, "fast": model}
+    inf = interleaved({n: (lambda m=m: infer(m, x)) for n, m in pair.items()}, repeats)
+    inf1 = interleaved(
+        {n: (lambda m=m: infer(m, x[:1], b1_calls)) for n, m in pair.items()}, repeats
+    )
+    b = x.shape[0]
+    return [
+        (f"inference b{b} dynamic/static", ratio(inf, "fast", "static"), None),
+        ("inference b1 dynamic/static", ratio(inf1, "fast", "static"), None),
     ]
 
 
@@ -177,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (>= 5)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--b1-calls", type=int, default=20, help="batch-1 calls per repeat")
+    parser.add_argument(
+        "--checkpoint",
+        help="also time inference of this trained dynamic model (a run's best.pt) on its data",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
@@ -191,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         rows += [(name, *r) for r in run(SETUPS[name], args.repeats, args.b1_calls)]
+    if args.checkpoint:
+        rows += [
+            ("trained", *r) for r in run_checkpoint(args.checkpoint, args.repeats, args.b1_calls)
+        ]
 
     print("\n| model | ratio | measured | target |\n|---|---|---|---|")
     missed = 0

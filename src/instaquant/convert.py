@@ -181,6 +181,7 @@ class QuantModel(nn.Module):
     def __getstate__(self) -> dict:
         # Copies and pickles leave out the latest forward's tensors (they may hold a graph).
         state = super().__getstate__()
+        state.pop("_dynamic_modules", None)  # rebuilt on demand from the copy's own layers
         return {**state, "last": None, "_pending": None}
 
     @property
@@ -238,7 +239,12 @@ class DynamicQuantModel(QuantModel):
 
     # ---------------------------------------------------------------- selection
     def dynamic_modules(self) -> list[nn.Module]:
-        return [self.model.get_submodule(n) for n in self._dynamic_names]
+        # Resolved once: looking 12+ layers up by name twice per forward showed at batch 1.
+        cached = self.__dict__.get("_dynamic_modules")
+        if cached is None:
+            cached = [self.model.get_submodule(n) for n in self._dynamic_names]
+            self.__dict__["_dynamic_modules"] = cached
+        return cached
 
     def _on_tap(self, module: nn.Module, inputs: tuple, out: Tensor) -> None:
         if self._forced is not None:

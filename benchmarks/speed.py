@@ -152,12 +152,17 @@ def varied_batch(batch: int, size: int, seed: int = 1) -> torch.Tensor:
     return x + torch.randn(batch, 3, 1, 1, generator=g)
 
 
-def run(setup: Setup, repeats: int, b1_calls: int) -> list[tuple[str, float, float | None]]:
-    models = build_models(setup)
-    x = varied_batch(setup.batch, setup.size)
+def run(
+    setup: Setup, repeats: int, b1_calls: int, fmt: torch.memory_format
+) -> list[tuple[str, float, float | None]]:
+    models = {n: m.to(memory_format=fmt) for n, m in build_models(setup).items()}
+    x = varied_batch(setup.batch, setup.size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (setup.batch,), generator=torch.Generator().manual_seed(1))
     x1 = x[:1].clone()
-    print(f"\n## {setup.name}, {setup.size}x{setup.size} input, batch {setup.batch}, bits {BITS}")
+    print(
+        f"\n## {setup.name}, {setup.size}x{setup.size} input, batch {setup.batch}, bits {BITS}, "
+        f"{str(fmt).removeprefix('torch.')}"
+    )
 
     for model in models.values():
         calibrate(model, x)
@@ -258,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--b1-calls", type=int, default=20, help="batch-1 calls per repeat")
     parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="models and inputs in channels_last memory format (faster convolutions on CPU)",
+    )
+    parser.add_argument(
         "--checkpoint",
         help="also time inference of this trained dynamic model (a run's best.pt) on its data",
     )
@@ -272,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Other processes on the machine distort timings; say how busy it was.
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     rows = []
     for name in args.models:
-        rows += [(name, *r) for r in run(SETUPS[name], args.repeats, args.b1_calls)]
+        rows += [(name, *r) for r in run(SETUPS[name], args.repeats, args.b1_calls, fmt)]
     if args.checkpoint:
         rows += [
             ("trained", *r) for r in run_checkpoint(args.checkpoint, args.repeats, args.b1_calls)

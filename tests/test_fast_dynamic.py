@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import instaquant as iq
 from instaquant import fast_dynamic
 from instaquant.layers import DynamicQConv2d, DynamicQLinear
+from instaquant.routing import route, take_rows
 
 EXACT = dict(atol=0, rtol=0)
 GRAD = dict(atol=1e-12, rtol=1e-10)
@@ -273,6 +274,45 @@ def test_routed_eval_matches_reference(pattern, batch, separate):
         out_r, _ = _run(ref, x, choice, separate, grad=False)
     # Routing convolves each candidate's rows apart: float64 rounding differs from the mixture.
     torch.testing.assert_close(out_f, out_r, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("pattern", ["mixed", "two_of_three", "all_same"])
+def test_routed_eval_keeps_channels_last(pattern):
+    layer = _layer("conv", "pact").eval().to(memory_format=torch.channels_last)
+    x = _input(layer, 9)
+    choice = _choices(pattern, 9)
+    with torch.no_grad():
+        out_plain, _ = _run(layer, x, choice, grad=False)
+        out_cl, _ = _run(layer, x.contiguous(memory_format=torch.channels_last), choice, grad=False)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, out_plain, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_take_rows_is_indexing_in_the_same_layout(fmt):
+    x = torch.randn(7, 5, 3, 4).contiguous(memory_format=fmt)
+    index = torch.tensor([6, 0, 3, 3])
+    rows = take_rows(x, index)
+    torch.testing.assert_close(rows, x[index], **EXACT)
+    assert rows.is_contiguous(memory_format=fmt)
+
+
+def test_route_puts_outputs_back_in_input_order():
+    x = torch.arange(10.0).reshape(10, 1)
+    key = torch.tensor([2, 0, 2, 1, 0, 0, 2, 1, 1, 0])
+    calls = []
+
+    def branch(k, rows, owned):
+        calls.append((k, rows.shape[0], owned))
+        return rows.mul_(10).add_(k) if owned else rows * 10 + k
+
+    out = route(x, key, 3, branch)
+    torch.testing.assert_close(out, x * 10 + key.reshape(10, 1).float(), **EXACT)
+    assert calls == [(0, 4, True), (1, 3, True), (2, 3, True)]
+    torch.testing.assert_close(x, torch.arange(10.0).reshape(10, 1), **EXACT)  # input untouched
+    calls.clear()
+    route(x, torch.ones(10, dtype=torch.long), 3, branch)  # one group: x itself, not owned
+    assert calls == [(1, 10, False)]
 
 
 @pytest.mark.parametrize("pattern", ["mixed", "two_of_three", "all_same"])

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from instaquant.quant import functional as Fq
-from instaquant.quant.methods import LSQActivation, LSQWeight, PACTActivation
+from instaquant.quant import inference as Iq
+from instaquant.quant.methods import (
+    LSQActivation,
+    LSQWeight,
+    PACTActivation,
+    make_activation_quantizer,
+)
 
 EXACT = dict(atol=0, rtol=0)
 ALL_BITS = range(1, 9)
@@ -169,3 +175,66 @@ def test_lsq_init_is_finite_on_zeros():
     q = LSQActivation((2, 4))
     out = q(torch.zeros(10), 0)
     assert torch.isfinite(q.step).all() and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- evaluation form
+
+
+def _inference_cases(bits, signed):
+    """(inference function, closed form) pairs on the same arguments."""
+    alpha = torch.tensor(1.3)
+    step = torch.tensor(0.21)
+    return {
+        "dorefa": (
+            lambda x, inplace: Iq.dorefa_activation(x, bits, signed, inplace),
+            lambda x: Fq.dorefa_activation(x, bits, signed),
+        ),
+        "pact": (
+            lambda x, inplace: Iq.pact_activation(x, alpha, bits, signed, inplace),
+            lambda x: Fq.pact_activation(x, alpha, bits, signed),
+        ),
+        "lsq": (
+            lambda x, inplace: Iq.lsq(x, step, bits, signed, inplace),
+            lambda x: Fq.lsq(x, step, bits, signed),
+        ),
+    }
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("method", ["dorefa", "pact", "lsq"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_inference_form_equals_the_closed_form(bits, signed, method, inplace):
+    infer, closed = _inference_cases(bits, signed)[method]
+    x = _randn(6, 8, 5, 5, seed=bits, scale=1.5)
+    expected = closed(x)
+    given = x.clone()
+    got = infer(given, inplace)
+    torch.testing.assert_close(got, expected, **EXACT)
+    if inplace:
+        assert got.data_ptr() == given.data_ptr(), "inplace must reuse the input's memory"
+    else:
+        torch.testing.assert_close(given, x, **EXACT)  # the input is left as it was
+
+
+@pytest.mark.parametrize("method", ["dorefa", "pact", "lsq", "lqnets"])
+def test_quantizer_infer_equals_forward(method):
+    q = make_activation_quantizer(method, (2, 4), signed=False)
+    x = _randn(4, 3, 6, 6, seed=3, scale=2.0)
+    with torch.no_grad():
+        q(x, 0)  # lazy initialisation from a first batch, as in training
+        q.eval()
+        for k in range(2):
+            torch.testing.assert_close(q.infer(x.clone(), k, inplace=True), q(x, k), **EXACT)
+
+
+def test_lazy_init_check_follows_buffer_writes():
+    q = PACTActivation((2, 4))
+    x = _randn(64, seed=4, scale=3.0).abs()
+    q(x, 0)
+    assert q.all_initialized()
+    with torch.no_grad():
+        q.alpha.fill_(7.0)
+        q.initialized.fill_(False)  # e.g. a state dict of a fresh model loaded in place
+    q(x, 0)
+    assert float(q.alpha.detach()[0]) != 7.0, "a reset buffer must trigger initialisation again"

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .fast_dynamic import mixture_forward
 from .quant.methods import Quantizer, make_activation_quantizer, make_weight_quantizer
+from .routing import route
 
 Selection = Tensor | tuple[Tensor, Tensor]
 EXECUTIONS = ("fast", "reference")
@@ -132,7 +133,8 @@ class _StaticMixin(_WeightCache):
         _place_like(self.weight, self.wq, self.aq)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.op(self.aq(x, 0), self.quantized_weight(0))
+        xq = self.aq(x, 0) if torch.is_grad_enabled() else self.aq.infer(x, 0)
+        return self.op(xq, self.quantized_weight(0))
 
 
 class QConv2d(_StaticMixin, _ConvOp):
@@ -243,24 +245,11 @@ class _DynamicMixin(_WeightCache):
         if not joint:
             key = key * K + sel_a.argmax(dim=-1)
 
-        def branch(k: int, rows: Tensor) -> Tensor:
+        def branch(k: int, rows: Tensor, owned: bool) -> Tensor:
             iw, ia = (k, k) if joint else divmod(k, K)
-            return self.op(self.aq(rows, ia), self.quantized_weight(iw))
+            return self.op(self.aq.infer(rows, ia, inplace=owned), self.quantized_weight(iw))
 
-        if x.shape[0] == 1:
-            return branch(int(key), x)
-        counts = torch.bincount(key, minlength=K if joint else K * K).tolist()
-        used = [k for k, c in enumerate(counts) if c]
-        if len(used) == 1:  # every sample chose the same branch: no gather/scatter
-            return branch(used[0], x)
-        rows = torch.argsort(key, stable=True).split(counts)
-        out = None
-        for k in used:
-            y = branch(k, x.index_select(0, rows[k]))
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out.index_copy_(0, rows[k], y)
-        return out
+        return route(x, key, K if joint else K * K, branch)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, execution={self.execution}"

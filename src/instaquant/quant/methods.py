@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F_q
+from . import inference as I_q
 
 METHODS = ("dorefa", "pact", "lsq", "lqnets")
 
@@ -29,6 +30,14 @@ class Quantizer(nn.Module):
 
     def slot(self, index: int) -> int:
         return 0 if self.share else index
+
+    def infer(self, x: Tensor, index: int, inplace: bool = False) -> Tensor:
+        """The quantized value when no gradient is needed; with ``inplace`` it may overwrite ``x``.
+
+        The same value as ``self(x, index)``; quantizers with a leaner evaluation form
+        (:mod:`.inference`) override this.
+        """
+        return self(x, index)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, share={self.share}"
@@ -51,6 +60,9 @@ class DoReFaActivation(Quantizer):
     def forward(self, x: Tensor, index: int) -> Tensor:
         return F_q.dorefa_activation(x, self.bits[index], self.signed)
 
+    def infer(self, x: Tensor, index: int, inplace: bool = False) -> Tensor:
+        return I_q.dorefa_activation(x, self.bits[index], self.signed, inplace)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, signed={self.signed}"
 
@@ -65,13 +77,24 @@ class _LazyInit(Quantizer):
     def __init__(self, bits: tuple[int, ...], share: bool = False) -> None:
         super().__init__(bits, share)
         self.register_buffer("initialized", torch.zeros(self.num_slots, dtype=torch.bool))
+        self._ready_at: tuple[int, int] | None = None
 
     def initial_value(self, v: Tensor, index: int) -> Tensor:
         raise NotImplementedError
 
+    def all_initialized(self) -> bool:
+        """Whether every slot is set; remembered per version of the buffer, saving a sync per call."""
+        seen = (self.initialized.data_ptr(), self.initialized._version)
+        if self._ready_at == seen:
+            return True
+        if bool(self.initialized.all()):
+            self._ready_at = seen
+            return True
+        return False
+
     def maybe_init(self, param: nn.Parameter, v: Tensor) -> None:
         """Set every slot at once on the first call (later in-place writes would break autograd)."""
-        if bool(self.initialized.all()):
+        if self.all_initialized():
             return
         with torch.no_grad():
             for s in range(self.num_slots):
@@ -111,6 +134,11 @@ class PACTActivation(_LazyInit):
         alpha = self.alpha[self.slot(index)]
         return F_q.pact_activation(x, alpha, self.bits[index], self.signed)
 
+    def infer(self, x: Tensor, index: int, inplace: bool = False) -> Tensor:
+        self.maybe_init(self.alpha, x)
+        alpha = self.alpha[self.slot(index)]
+        return I_q.pact_activation(x, alpha, self.bits[index], self.signed, inplace)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, signed={self.signed}"
 
@@ -131,6 +159,10 @@ class LSQQuantizer(_LazyInit):
     def forward(self, v: Tensor, index: int) -> Tensor:
         self.maybe_init(self.step, v)
         return F_q.lsq(v, self.step[self.slot(index)], self.bits[index], self.signed)
+
+    def infer(self, v: Tensor, index: int, inplace: bool = False) -> Tensor:
+        self.maybe_init(self.step, v)
+        return I_q.lsq(v, self.step[self.slot(index)], self.bits[index], self.signed, inplace)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, signed={self.signed}"

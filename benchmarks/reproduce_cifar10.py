@@ -9,6 +9,7 @@ accuracy-vs-BitOPs plot into ``--out``.
 
     python benchmarks/reproduce_cifar10.py --quick   # about 100 min on 2 CPU cores
     python benchmarks/reproduce_cifar10.py --paper   # the full schedules (a GPU)
+    python benchmarks/reproduce_cifar10.py --quick --ablations   # + about 35 min of PACT runs
 
 Data: ``--archive`` (the CIFAR-10 JPEG tarball in ImageFolder layout, extracted once to
 ``--data-dir``) or ``--root`` (an extracted ``train/`` + ``test/`` folder).
@@ -107,6 +108,46 @@ def plan(root: Path, out: Path, schedule: str, methods: list[str], limit: int | 
     return runs
 
 
+def ablation_plan(runs: list[dict], out: Path, schedule: str) -> list[dict]:
+    """PACT runs that test why DQ does not beat static 4-bit on the quick schedule.
+
+    - ``pact_dq_budget4_shared``: one clip α (and weight grid) shared by the candidates, so
+      every batch trains it (per-candidate parameters see only their share of the batches);
+    - ``pact_static4_qat2x`` and ``pact_dq_budget4_qat2x``: both with twice the QAT epochs
+      (is two epochs too short for the controller and the three branches?).
+    """
+    by_name = {r["name"]: r for r in runs}
+    static4, dq4 = by_name["pact_static4"], by_name["pact_dq_budget4"]
+
+    def variant(base: dict, suffix: str, **changes: Any) -> dict:
+        run = {**base, **changes, "name": f"{base['name']}_{suffix}"}
+        run["out"] = str(out / run["name"])
+        return run
+
+    longer = 2 * SCHEDULES[schedule]["qat"]["epochs"]
+    return [
+        variant(dq4, "shared", quant={**dq4["quant"], "share": True}),
+        variant(static4, "qat2x", epochs=longer),
+        variant(dq4, "qat2x", epochs=longer),
+    ]
+
+
+def run_all(raws: list[dict], progress: bool) -> list[dict]:
+    """Train (or resume, or skip when finished) each run; their summary entries."""
+    entries = []
+    for raw in raws:
+        cfg = config_mod.from_dict(raw)
+        summary = Path(cfg.out) / "summary.json"
+        if summary.exists():
+            print(f"== {cfg.name}: done before, skipped", flush=True)
+        else:
+            resume = (Path(cfg.out) / "last.pt").exists()
+            print(f"== {cfg.name}: {'resuming' if resume else 'training'}", flush=True)
+            fit(cfg, resume=resume, progress=progress)
+        entries.append(json.loads(summary.read_text())["runs"][0])
+    return entries
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
@@ -119,22 +160,18 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["dorefa", "pact"])
     p.add_argument("--limit", type=int, help="images per split (smoke tests)")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="then PACT runs testing why DQ loses on the schedule (shared α, twice the epochs)",
+    )
     args = p.parse_args()
 
     schedule = "quick" if args.quick else "paper"
     root = args.root or extract(args.archive, args.data_dir)
     t0 = time.time()
-    entries = []
-    for raw in plan(root, args.out, schedule, args.methods, args.limit):
-        cfg = config_mod.from_dict(raw)
-        summary = Path(cfg.out) / "summary.json"
-        if summary.exists():
-            print(f"== {cfg.name}: done before, skipped", flush=True)
-        else:
-            resume = (Path(cfg.out) / "last.pt").exists()
-            print(f"== {cfg.name}: {'resuming' if resume else 'training'}", flush=True)
-            fit(cfg, resume=resume, progress=args.progress)
-        entries.append(json.loads(summary.read_text())["runs"][0])
+    runs = plan(root, args.out, schedule, args.methods, args.limit)
+    entries = run_all(runs, args.progress)
     wall = time.time() - t0
     table = format_table(entries)
     print(table)
@@ -149,6 +186,18 @@ def main() -> None:
         f"per-run wall times are in results.json (wall_s)\n"
     )
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {plot}")
+    if args.ablations:
+        if "pact" not in args.methods:
+            raise SystemExit("--ablations varies the PACT runs: include pact in --methods")
+        base = {e["name"]: e for e in entries}
+        extra = run_all(ablation_plan(runs, args.out, schedule), args.progress)
+        table = format_table([base["pact_static4"], base["pact_dq_budget4"], *extra])
+        print(table)
+        (args.out / "ablations.json").write_text(
+            json.dumps({"schedule": schedule, "runs": extra}, indent=2)
+        )
+        (args.out / "ablations.md").write_text(f"```\n{table}\n```\n")
+        print(f"wrote {args.out / 'ablations.md'} and {args.out / 'ablations.json'}")
 
 
 if __name__ == "__main__":

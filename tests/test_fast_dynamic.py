@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import instaquant as iq
 from instaquant import fast_dynamic
 from instaquant.layers import DynamicQConv2d, DynamicQLinear
-from instaquant.routing import route, take_rows
+from instaquant.routing import put_rows, route, take_rows
 
 EXACT = dict(atol=0, rtol=0)
 GRAD = dict(atol=1e-12, rtol=1e-10)
@@ -289,12 +289,18 @@ def test_routed_eval_keeps_channels_last(pattern):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_take_rows_is_indexing_in_the_same_layout(fmt):
+def test_row_gather_and_scatter_keep_the_layout(fmt):
     x = torch.randn(7, 5, 3, 4).contiguous(memory_format=fmt)
     index = torch.tensor([6, 0, 3, 3])
     rows = take_rows(x, index)
     torch.testing.assert_close(rows, x[index], **EXACT)
     assert rows.is_contiguous(memory_format=fmt)
+    out = torch.zeros(7, 5, 3, 4).contiguous(memory_format=fmt)
+    put_rows(out, torch.tensor([5, 1]), x[:2])
+    expected = torch.zeros(7, 5, 3, 4)
+    expected[5], expected[1] = x[0], x[1]
+    torch.testing.assert_close(out, expected, **EXACT)
+    assert out.is_contiguous(memory_format=fmt)
 
 
 def test_route_puts_outputs_back_in_input_order():

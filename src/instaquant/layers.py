@@ -89,6 +89,15 @@ def _linear_kwargs(lin: nn.Linear) -> dict:
 # --------------------------------------------------------------------------- static
 
 
+def _own_tensors(module: nn.Module) -> list[Tensor]:
+    """Parameters and buffers of ``module`` and its children (a dict walk, no generators)."""
+    found = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+    for child in module._modules.values():
+        if child is not None:
+            found += _own_tensors(child)
+    return found
+
+
 class _WeightCache:
     """Quantized weights per candidate, cached when no gradient is needed (evaluation)."""
 
@@ -101,7 +110,7 @@ class _WeightCache:
             return self.wq(self.weight, k)
         cache = self.__dict__.setdefault("_wcache", {})
         # In-place updates (optimizer steps, load_state_dict) bump ``_version``.
-        tracked = (self.weight, *self.wq.parameters(), *self.wq.buffers())
+        tracked = (self.weight, *_own_tensors(self.wq))
         key = tuple((t.data_ptr(), t._version) for t in tracked)
         hit = cache.get(k)
         if hit is not None and hit[0] == key:

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import instaquant as iq
 from instaquant import fast_dynamic
 from instaquant.layers import DynamicQConv2d, DynamicQLinear
+from instaquant.quant.methods import make_activation_quantizer
 from instaquant.routing import put_rows, route, take_rows
 
 EXACT = dict(atol=0, rtol=0)
@@ -306,19 +307,45 @@ def test_row_gather_and_scatter_keep_the_layout(fmt):
 def test_route_puts_outputs_back_in_input_order():
     x = torch.arange(10.0).reshape(10, 1)
     key = torch.tensor([2, 0, 2, 1, 0, 0, 2, 1, 1, 0])
-    calls = []
+    quantized, calls = [], []
 
-    def branch(k, rows, owned):
-        calls.append((k, rows.shape[0], owned))
-        return rows.mul_(10).add_(k) if owned else rows * 10 + k
+    def quantize(rows, keys, owned):
+        quantized.append((keys if isinstance(keys, int) else keys.tolist(), owned))
+        return rows.mul_(10) if owned else rows * 10
 
-    out = route(x, key, 3, branch)
+    def branch(k, rows):
+        calls.append((k, rows.shape[0]))
+        return rows + k
+
+    out = route(x, key, 3, quantize, branch)
     torch.testing.assert_close(out, x * 10 + key.reshape(10, 1).float(), **EXACT)
-    assert calls == [(0, 4, True), (1, 3, True), (2, 3, True)]
+    assert quantized == [([0, 0, 0, 0, 1, 1, 1, 2, 2, 2], True)]  # one call, rows sorted by key
+    assert calls == [(0, 4), (1, 3), (2, 3)]
     torch.testing.assert_close(x, torch.arange(10.0).reshape(10, 1), **EXACT)  # input untouched
-    calls.clear()
-    route(x, torch.ones(10, dtype=torch.long), 3, branch)  # one group: x itself, not owned
-    assert calls == [(1, 10, False)]
+    quantized.clear(), calls.clear()
+    route(x, torch.ones(10, dtype=torch.long), 3, quantize, branch)  # one group: x, not owned
+    assert quantized == [(1, False)] and calls == [(1, 10)]
+
+
+@pytest.mark.parametrize("method", ["pact", "dorefa", "lsq", "lqnets"])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("share", [False, True])
+def test_infer_rows_gives_each_row_its_candidates_value(method, signed, share):
+    if method == "lqnets" and share:
+        pytest.skip("LQ-Nets keeps one basis per bit-width: no shared parameters")
+    q = make_activation_quantizer(method, (2, 3, 5), signed, share)
+    x = _input(_layer("conv", method), 12).float()
+    with torch.no_grad():
+        q(x, 0)  # lazy initialisation, as in a first training batch
+        q.eval()
+        index = torch.tensor([2, 0, 1, 1, 0, 2, 2, 1, 0, 0, 1, 2])
+        expected = torch.cat([q(x[b : b + 1], int(index[b])) for b in range(12)])
+        got = q.infer_rows(x.clone(), index)
+        given = x.clone()
+        got_inplace = q.infer_rows(given, index, inplace=True)
+    torch.testing.assert_close(got, expected, **EXACT)
+    torch.testing.assert_close(got_inplace, expected, **EXACT)
+    assert got_inplace.data_ptr() == given.data_ptr()
 
 
 @pytest.mark.parametrize("pattern", ["mixed", "two_of_three", "all_same"])

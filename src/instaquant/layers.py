@@ -254,11 +254,16 @@ class _DynamicMixin(_WeightCache):
         if not joint:
             key = key * K + sel_a.argmax(dim=-1)
 
-        def branch(k: int, rows: Tensor, owned: bool) -> Tensor:
-            iw, ia = (k, k) if joint else divmod(k, K)
-            return self.op(self.aq.infer(rows, ia, inplace=owned), self.quantized_weight(iw))
+        def quantize(rows: Tensor, k: int | Tensor, owned: bool) -> Tensor:
+            ia = k if joint else k % K  # the activation candidate of key k
+            if isinstance(ia, int):
+                return self.aq.infer(rows, ia, inplace=owned)
+            return self.aq.infer_rows(rows, ia, inplace=owned)
 
-        return route(x, key, K if joint else K * K, branch)
+        def branch(k: int, xq: Tensor) -> Tensor:
+            return self.op(xq, self.quantized_weight(k if joint else k // K))
+
+        return route(x, key, K if joint else K * K, quantize, branch)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, execution={self.execution}"

@@ -1,9 +1,10 @@
 """Routing samples by key: each group of samples through its own branch, outputs in input order.
 
-Routed inference runs this at every dynamic layer, so the copies matter. Samples are
-gathered once with one permutation: the groups are then slices of one private copy, which
-the branches may overwrite (the activation quantizer works in place on them, so the gather
-costs no extra pass over the data). Each group's output is written straight to its rows
+Routed inference runs this at every dynamic layer, so the copies and the number of
+operator calls matter. Samples are gathered once with one permutation into a private
+copy, which the activation quantizer overwrites in one pass per operation with each row's
+own candidate (so the gather replaces the quantizer's first copy instead of adding one);
+the groups are then slices of it, and each group's output is written straight to its rows
 of the result. Rows are moved through 2-d ``[B, -1]`` views in the tensor's storage order:
 ``index_select`` on such a view is a plain block copy, while on a 4-d ``channels_last``
 tensor it takes a generic strided kernel, several times slower.
@@ -54,24 +55,32 @@ def _format(x: Tensor) -> torch.memory_format:
 
 
 def route(
-    x: Tensor, key: Tensor, num_keys: int, branch: Callable[[int, Tensor, bool], Tensor]
+    x: Tensor,
+    key: Tensor,
+    num_keys: int,
+    quantize: Callable[[Tensor, int | Tensor, bool], Tensor],
+    branch: Callable[[int, Tensor], Tensor],
 ) -> Tensor:
-    """``out[b] = branch(key[b], x[b:b+1], owned)`` for every sample ``b``, one call per key.
+    """``out[b] = branch(key[b], quantize(x[b], key[b]))`` for every sample ``b``.
 
-    ``owned`` tells the branch whether its rows are a private copy (gathered here) that it
-    may overwrite, or ``x`` itself.
+    ``quantize(rows, keys, owned)`` gets either one key (an int) for all its rows, or one
+    key per row (a tensor, rows sorted by key) when the batch is split; ``owned`` says
+    whether the rows are a private copy (gathered here) that it may overwrite, or ``x``
+    itself. ``branch`` runs once per distinct key, on that key's rows.
     """
     if x.shape[0] == 1:
-        return branch(int(key), x, False)
+        k = int(key)
+        return branch(k, quantize(x, k, False))
     counts = torch.bincount(key, minlength=num_keys).tolist()
     used = [k for k, c in enumerate(counts) if c]
     if len(used) == 1:  # every sample chose the same branch: no copies
-        return branch(used[0], x, False)
+        return branch(used[0], quantize(x, used[0], False))
     order = torch.argsort(key, stable=True)
-    groups, rows = take_rows(x, order).split(counts), order.split(counts)
+    quantized = quantize(take_rows(x, order), key[order], True)
+    groups, rows = quantized.split(counts), order.split(counts)
     out = None
     for k in used:
-        y = branch(k, groups[k], True)
+        y = branch(k, groups[k])
         if out is None:
             shape = (x.shape[0], *y.shape[1:])
             out = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=_format(y))

@@ -6,6 +6,11 @@ floating-point operations in the same order (so values are identical, bit for bi
 update one buffer in place: the first operation writes a new tensor, or, with
 ``inplace=True``, overwrites the input itself (routed inference passes a gathered copy
 that nothing else reads).
+
+``bits`` and the clip/step may also be per-sample tensors shaped to broadcast over ``x``
+(``[B, 1, ...]``, integer bits): routed inference quantizes a batch whose samples chose
+different candidates in one pass per operation. Each sample gets exactly the value it
+would get alone.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import levels, lsq_bounds
+from .functional import levels
+
+Bits = int | Tensor
 
 
 def _first(x: Tensor, inplace: bool) -> Tensor | None:
@@ -21,7 +28,7 @@ def _first(x: Tensor, inplace: bool) -> Tensor | None:
     return x if inplace else None
 
 
-def dorefa_activation(x: Tensor, bits: int, signed: bool = False, inplace: bool = False) -> Tensor:
+def dorefa_activation(x: Tensor, bits: Bits, signed: bool = False, inplace: bool = False) -> Tensor:
     """The value of :func:`.functional.dorefa_activation`."""
     n = levels(bits)
     if signed:
@@ -32,7 +39,7 @@ def dorefa_activation(x: Tensor, bits: int, signed: bool = False, inplace: bool 
 
 
 def pact_activation(
-    x: Tensor, alpha: Tensor, bits: int, signed: bool = False, inplace: bool = False
+    x: Tensor, alpha: Tensor, bits: Bits, signed: bool = False, inplace: bool = False
 ) -> Tensor:
     """The value of :func:`.functional.pact_activation`."""
     n = levels(bits)
@@ -47,8 +54,13 @@ def pact_activation(
     return y.div_(step).round_().mul_(step)
 
 
-def lsq(v: Tensor, step: Tensor, bits: int, signed: bool, inplace: bool = False) -> Tensor:
+def lsq(v: Tensor, step: Tensor, bits: Bits, signed: bool, inplace: bool = False) -> Tensor:
     """The value of :func:`.functional.lsq`."""
-    q_n, q_p = lsq_bounds(bits, signed)
+    if signed:  # the bounds of functional.lsq_bounds, for int or tensor bits
+        q_n = 2 ** (bits - 1)
+        q_p = q_n - 1
+    else:
+        q_p = levels(bits)
+        q_n = q_p * 0  # an int or a tensor, like q_p (clamp_ takes two of a kind)
     y = torch.div(v, step, out=_first(v, inplace))
     return y.clamp_(-q_n, q_p).round_().mul_(step)

@@ -39,6 +39,28 @@ class Quantizer(nn.Module):
         """
         return self(x, index)
 
+    def infer_rows(self, x: Tensor, index: Tensor, inplace: bool = False) -> Tensor:
+        """Row ``b`` of ``x`` quantized with candidate ``index[b]`` (no gradient needed).
+
+        This default gathers each candidate's rows and runs :meth:`infer` on them;
+        element-wise quantizers override it with one pass over all rows.
+        """
+        out = x if inplace else torch.empty_like(x)
+        for k in index.unique().tolist():
+            rows = (index == k).nonzero().squeeze(1)
+            out.index_copy_(0, rows, self.infer(x.index_select(0, rows), k, inplace=True))
+        return out
+
+    def per_row(self, values: Tensor, index: Tensor, like: Tensor) -> Tensor:
+        """``values[slot(index[b])]`` per row, shaped ``[B, 1, ...]`` to broadcast over ``like``."""
+        rows = torch.zeros_like(index) if self.share else index
+        return values[rows].reshape(-1, *[1] * (like.dim() - 1))
+
+    def row_bits(self, index: Tensor, like: Tensor) -> Tensor:
+        """Each row's bit-width (integers), shaped ``[B, 1, ...]`` to broadcast over ``like``."""
+        table = torch.tensor(self.bits, device=index.device)
+        return table[index].reshape(-1, *[1] * (like.dim() - 1))
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, share={self.share}"
 
@@ -62,6 +84,9 @@ class DoReFaActivation(Quantizer):
 
     def infer(self, x: Tensor, index: int, inplace: bool = False) -> Tensor:
         return I_q.dorefa_activation(x, self.bits[index], self.signed, inplace)
+
+    def infer_rows(self, x: Tensor, index: Tensor, inplace: bool = False) -> Tensor:
+        return I_q.dorefa_activation(x, self.row_bits(index, x), self.signed, inplace)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, signed={self.signed}"
@@ -139,6 +164,11 @@ class PACTActivation(_LazyInit):
         alpha = self.alpha[self.slot(index)]
         return I_q.pact_activation(x, alpha, self.bits[index], self.signed, inplace)
 
+    def infer_rows(self, x: Tensor, index: Tensor, inplace: bool = False) -> Tensor:
+        self.maybe_init(self.alpha, x)
+        alpha = self.per_row(self.alpha, index, x)
+        return I_q.pact_activation(x, alpha, self.row_bits(index, x), self.signed, inplace)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, signed={self.signed}"
 
@@ -163,6 +193,11 @@ class LSQQuantizer(_LazyInit):
     def infer(self, v: Tensor, index: int, inplace: bool = False) -> Tensor:
         self.maybe_init(self.step, v)
         return I_q.lsq(v, self.step[self.slot(index)], self.bits[index], self.signed, inplace)
+
+    def infer_rows(self, v: Tensor, index: Tensor, inplace: bool = False) -> Tensor:
+        self.maybe_init(self.step, v)
+        step = self.per_row(self.step, index, v)
+        return I_q.lsq(v, step, self.row_bits(index, v), self.signed, inplace)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, signed={self.signed}"

@@ -23,6 +23,7 @@ so slow drifts of the machine's speed cancel.
     python benchmarks/speed.py                 # both models, 7 repeats, 2 threads
     python benchmarks/speed.py --models resnet20 --repeats 5
     python benchmarks/speed.py --checkpoint runs/reproduce_cifar10/pact_dq_budget4/best.pt
+    python benchmarks/speed.py --models resnet20 --runs 5   # medians over 5 fresh processes
 
 ``--checkpoint`` adds the inference of a trained dynamic model on its own test images, whose
 controller splits the batch as training left it.
@@ -32,12 +33,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -256,7 +262,66 @@ def run_checkpoint(path: str, repeats: int, b1_calls: int) -> list[tuple[str, fl
     ]
 
 
+def print_table(rows: list[list], spread: dict[tuple[str, str], list[float]] | None = None) -> int:
+    """The ratio table with verdicts; returns the number of missed targets."""
+    print("\n| model | ratio | measured | target |\n|---|---|---|---|")
+    missed = 0
+    for model, label, value, target in rows:
+        verdict = ""
+        if target is not None:
+            ok = value <= target
+            missed += not ok
+            verdict = f"<= {target} {'met' if ok else 'MISSED'}"
+        shown = f"{value:.2f}x"
+        if spread:
+            values = spread[(model, label)]
+            shown += f" ({min(values):.2f}-{max(values):.2f})"
+        print(f"| {model} | {label} | {shown} | {verdict} |")
+    print("\nall targets met" if missed == 0 else f"\n{missed} target(s) missed")
+    return missed
+
+
+def without_runs(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--runs N`` / ``--runs=N``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--runs":
+            skip = True
+        elif not arg.startswith("--runs="):
+            kept.append(arg)
+    return kept
+
+
+def across_processes(argv: list[str], runs: int) -> None:
+    """The benchmark in ``runs`` fresh processes, one after the other; medians over them.
+
+    Timings differ more between processes than between repeats within one (each process has
+    its own memory layout and allocator state), so a single process can land high or low.
+    """
+    per_run: list[list] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(runs):
+            out = Path(tmp) / f"run{i}.json"
+            cmd = [sys.executable, __file__, *without_runs(argv), "--json", str(out)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            per_run.append(json.loads(out.read_text()))
+            print(f"process {i + 1}/{runs} done", flush=True)
+    spread: dict[tuple[str, str], list[float]] = {}
+    for rows in per_run:
+        for model, label, value, _ in rows:
+            spread.setdefault((model, label), []).append(value)
+    medians = [
+        [model, label, statistics.median(spread[(model, label)]), target]
+        for model, label, _, target in per_run[0]
+    ]
+    print(f"\nmedian over {runs} processes (lowest-highest process in brackets):")
+    print_table(medians, spread)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (>= 5)")
@@ -271,9 +336,18 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint",
         help="also time inference of this trained dynamic model (a run's best.pt) on its data",
     )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat the whole benchmark in this many fresh processes and report medians",
+    )
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)  # one process's rows
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {args.threads} threads of {os.cpu_count()} CPUs, "
@@ -282,25 +356,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Other processes on the machine distort timings; say how busy it was.
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    rows = []
-    for name in args.models:
-        rows += [(name, *r) for r in run(SETUPS[name], args.repeats, args.b1_calls, fmt)]
-    if args.checkpoint:
-        rows += [
-            ("trained", *r) for r in run_checkpoint(args.checkpoint, args.repeats, args.b1_calls)
-        ]
-
-    print("\n| model | ratio | measured | target |\n|---|---|---|---|")
-    missed = 0
-    for model, label, value, target in rows:
-        verdict = ""
-        if target is not None:
-            ok = value <= target
-            missed += not ok
-            verdict = f"<= {target} {'met' if ok else 'MISSED'}"
-        print(f"| {model} | {label} | {value:.2f}x | {verdict} |")
-    print("\nall targets met" if missed == 0 else f"\n{missed} target(s) missed")
+    if args.runs > 1:
+        across_processes(argv, args.runs)
+    else:
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        rows = []
+        for name in args.models:
+            rows += [[name, *r] for r in run(SETUPS[name], args.repeats, args.b1_calls, fmt)]
+        if args.checkpoint:
+            rows += [
+                ["trained", *r]
+                for r in run_checkpoint(args.checkpoint, args.repeats, args.b1_calls)
+            ]
+        print_table(rows)
+        if args.json:
+            args.json.write_text(json.dumps(rows))
     print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return 0
 

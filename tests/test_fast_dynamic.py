@@ -19,7 +19,7 @@ import instaquant as iq
 from instaquant import fast_dynamic
 from instaquant.layers import DynamicQConv2d, DynamicQLinear
 from instaquant.quant.methods import make_activation_quantizer
-from instaquant.routing import put_rows, route, take_rows
+from instaquant.routing import plan_layers, put_rows, route, take_rows
 
 EXACT = dict(atol=0, rtol=0)
 GRAD = dict(atol=1e-12, rtol=1e-10)
@@ -472,3 +472,32 @@ def test_model_eval_mode_with_gradients_matches_reference():
     _assert_models_match(fast, ref, x, y)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_model_routed_eval_matches_reference(separate, batch):
+    fast = _model("pact", separate=separate)
+    fast(_varied(8))  # a training-mode pass: batch norms and quantizer ranges set
+    ref = copy.deepcopy(fast)
+    for layer in ref.dynamic_modules():
+        layer.execution = "reference"
+    fast.eval(), ref.eval()
+    x = _varied(batch)
+    with torch.no_grad():
+        out_f, out_r = fast(x), ref(x)
+    torch.testing.assert_close(out_f, out_r, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(fast.last.bits_w, ref.last.bits_w, **EXACT)
+    if batch > 1:
+        assert len(torch.unique(fast.last.bits_w)) > 1, "the batch must be split to test routing"
+    assert all(layer.route_plan is None for layer in fast.dynamic_modules()), "plans are per call"
+
+
+def test_plan_layers_matches_per_layer_sorting():
+    keys = torch.randint(0, 4, (11, 5), generator=_gen(3))
+    for i, plan in enumerate(plan_layers(keys, 4)):
+        key = keys[:, i]
+        torch.testing.assert_close(plan.key, key, **EXACT)
+        assert plan.counts == torch.bincount(key, minlength=4).tolist()
+        torch.testing.assert_close(plan.order, torch.argsort(key, stable=True), **EXACT)
+        torch.testing.assert_close(plan.sorted_key, key[plan.order], **EXACT)

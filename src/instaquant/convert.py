@@ -21,6 +21,7 @@ from .controller import BitController, select
 from .cost import BITOPS_CONVENTION, Budget, LayerInfo, Profile, bitops_at, controller_cost, probe
 from .layers import EXECUTIONS, DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
 from .quant.methods import METHODS, min_bits
+from .routing import RoutePlan, plan_layers
 
 FIRST_LAST = ("fp", "8bit", "quantize")
 
@@ -252,9 +253,19 @@ class DynamicQuantModel(QuantModel):
         else:
             logits = self.controller(out)
             sel = select(logits, self.tau, self.training, self.spec.sample_in_eval)
+        plans = self._route_plans(sel) if not torch.is_grad_enabled() else None
         for i, layer in enumerate(self.dynamic_modules()):
             layer.selection = (sel[:, i, 0], sel[:, i, 1]) if self.spec.separate else sel[:, i]
+            layer.route_plan = plans[i] if plans else None
         self._pending = (sel, logits)
+
+    def _route_plans(self, sel: Tensor) -> list[RoutePlan]:
+        """Every dynamic layer's routing for a no-grad forward, planned in one go."""
+        K = len(self.spec.bits)
+        if self.spec.separate:
+            keys = sel[:, :, 0].argmax(-1) * K + sel[:, :, 1].argmax(-1)
+            return plan_layers(keys, K * K)
+        return plan_layers(sel.argmax(-1), K)
 
     @contextmanager
     def forced_bits(self, bits_w: list[int], bits_a: list[int] | None = None):
@@ -284,6 +295,7 @@ class DynamicQuantModel(QuantModel):
         finally:
             for layer in self.dynamic_modules():
                 layer.selection = None
+                layer.route_plan = None
         if self._pending is None:
             raise RuntimeError(f"the tap module {self.spec.tap!r} did not run in this forward")
         sel, logits = self._pending

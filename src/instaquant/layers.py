@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .fast_dynamic import mixture_forward
 from .quant.methods import Quantizer, make_activation_quantizer, make_weight_quantizer
-from .routing import route
+from .routing import RoutePlan, route
 
 Selection = Tensor | tuple[Tensor, Tensor]
 EXECUTIONS = ("fast", "reference")
@@ -194,6 +194,9 @@ class _DynamicMixin(_WeightCache):
         self.aq = make_activation_quantizer(method, self.bits, signed_input, share)
         _place_like(self.weight, self.wq, self.aq)
         self.selection = None
+        # Set by the owning model next to the selection when it has planned the routing of
+        # every layer at once (``instaquant.routing.plan_layers``); computed here otherwise.
+        self.route_plan: RoutePlan | None = None
         self.execution = execution
 
     def _selection(self) -> tuple[Tensor, Tensor, bool]:
@@ -249,10 +252,13 @@ class _DynamicMixin(_WeightCache):
         """Each sample through its selected branch only (hard selections, no mixture gradient)."""
         K = len(self.bits)
         joint = sel_a is sel_w
-        # One key per sample: the candidate (joint) or the (weight, activation) pair.
-        key = sel_w.argmax(dim=-1)
-        if not joint:
-            key = key * K + sel_a.argmax(dim=-1)
+        plan = self.route_plan
+        if plan is not None:
+            key = plan.key
+        else:  # one key per sample: the candidate (joint) or the (weight, activation) pair
+            key = sel_w.argmax(dim=-1)
+            if not joint:
+                key = key * K + sel_a.argmax(dim=-1)
 
         def quantize(rows: Tensor, k: int | Tensor, owned: bool) -> Tensor:
             ia = k if joint else k % K  # the activation candidate of key k
@@ -263,7 +269,7 @@ class _DynamicMixin(_WeightCache):
         def branch(k: int, xq: Tensor) -> Tensor:
             return self.op(xq, self.quantized_weight(k if joint else k // K))
 
-        return route(x, key, K if joint else K * K, quantize, branch)
+        return route(x, key, K if joint else K * K, quantize, branch, plan)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, execution={self.execution}"

@@ -13,9 +13,36 @@ tensor it takes a generic strided kernel, several times slower.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+
+@dataclass
+class RoutePlan:
+    """How one layer splits its batch: each sample's key, the samples per key, the sort order."""
+
+    key: Tensor  # [B]
+    counts: list[int]  # samples per key
+    order: Tensor  # [B], samples sorted by key (stable)
+    sorted_key: Tensor  # key[order]
+
+
+def plan_layers(keys: Tensor, num_keys: int) -> list[RoutePlan]:
+    """The plans of all layers from their keys ``[B, L]``, in a few calls for the whole network.
+
+    A model computes these once per forward instead of every layer sorting and counting its
+    own keys (and waiting for the count): the per-layer calls showed at small batch sizes.
+    """
+    counts = F.one_hot(keys, num_keys).sum(0).tolist()  # [L][num_keys]; the only sync
+    order = torch.argsort(keys, dim=0, stable=True)
+    sorted_keys = keys.gather(0, order).t().contiguous()
+    by_layer, order = keys.t().contiguous(), order.t().contiguous()
+    return [
+        RoutePlan(by_layer[i], counts[i], order[i], sorted_keys[i]) for i in range(keys.shape[1])
+    ]
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -60,23 +87,31 @@ def route(
     num_keys: int,
     quantize: Callable[[Tensor, int | Tensor, bool], Tensor],
     branch: Callable[[int, Tensor], Tensor],
+    plan: RoutePlan | None = None,
 ) -> Tensor:
     """``out[b] = branch(key[b], quantize(x[b], key[b]))`` for every sample ``b``.
 
     ``quantize(rows, keys, owned)`` gets either one key (an int) for all its rows, or one
     key per row (a tensor, rows sorted by key) when the batch is split; ``owned`` says
     whether the rows are a private copy (gathered here) that it may overwrite, or ``x``
-    itself. ``branch`` runs once per distinct key, on that key's rows.
+    itself. ``branch`` runs once per distinct key, on that key's rows. ``plan``, if given,
+    holds ``key``'s counts and sort order, computed beforehand.
     """
-    if x.shape[0] == 1:
-        k = int(key)
-        return branch(k, quantize(x, k, False))
-    counts = torch.bincount(key, minlength=num_keys).tolist()
+    counts = plan.counts if plan is not None else None
+    if counts is None:
+        if x.shape[0] == 1:
+            k = int(key)
+            return branch(k, quantize(x, k, False))
+        counts = torch.bincount(key, minlength=num_keys).tolist()
     used = [k for k, c in enumerate(counts) if c]
-    if len(used) == 1:  # every sample chose the same branch: no copies
+    if len(used) == 1:  # every sample chose the same branch (batch 1 included): no copies
         return branch(used[0], quantize(x, used[0], False))
-    order = torch.argsort(key, stable=True)
-    quantized = quantize(take_rows(x, order), key[order], True)
+    if plan is not None:
+        order, sorted_key = plan.order, plan.sorted_key
+    else:
+        order = torch.argsort(key, stable=True)
+        sorted_key = key[order]
+    quantized = quantize(take_rows(x, order), sorted_key, True)
     groups, rows = quantized.split(counts), order.split(counts)
     out = None
     for k in used:

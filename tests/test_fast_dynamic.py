@@ -19,7 +19,7 @@ import instaquant as iq
 from instaquant import fast_dynamic
 from instaquant.layers import DynamicQConv2d, DynamicQLinear
 from instaquant.quant.methods import make_activation_quantizer
-from instaquant.routing import plan_layers, put_rows, route, take_rows
+from instaquant.routing import plan_keys, plan_layers, put_rows, route, take_rows
 
 EXACT = dict(atol=0, rtol=0)
 GRAD = dict(atol=1e-12, rtol=1e-10)
@@ -317,13 +317,13 @@ def test_route_puts_outputs_back_in_input_order():
         calls.append((k, rows.shape[0]))
         return rows + k
 
-    out = route(x, key, 3, quantize, branch)
+    out = route(x, plan_keys(key, 3), quantize, branch)
     torch.testing.assert_close(out, x * 10 + key.reshape(10, 1).float(), **EXACT)
     assert quantized == [([0, 0, 0, 0, 1, 1, 1, 2, 2, 2], True)]  # one call, rows sorted by key
     assert calls == [(0, 4), (1, 3), (2, 3)]
     torch.testing.assert_close(x, torch.arange(10.0).reshape(10, 1), **EXACT)  # input untouched
     quantized.clear(), calls.clear()
-    route(x, torch.ones(10, dtype=torch.long), 3, quantize, branch)  # one group: x, not owned
+    route(x, plan_keys(torch.ones(10, dtype=torch.long), 3), quantize, branch)  # one group
     assert quantized == [(1, False)] and calls == [(1, 10)]
 
 

@@ -294,7 +294,7 @@ def _joint_inputs(layer: nn.Module, x: Tensor, plan: _Plan) -> tuple[list, list]
         else:
             # The first call sees the whole batch, so lazy data-dependent init matches the reference.
             with torch.no_grad():
-                vals.append(_pad(layer, layer.aq(x, k)))
+                vals.append(_pad(layer, layer.aq.infer(x, k)))
     partial = [k for k in range(K) if 0 < plan.counts[k] < B]
     if partial:
         parts = _RowSplit.apply(x, *(plan.rows[k] for k in partial))

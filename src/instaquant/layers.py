@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .fast_dynamic import mixture_forward
 from .quant.methods import Quantizer, make_activation_quantizer, make_weight_quantizer
-from .routing import RoutePlan, route
+from .routing import RoutePlan, plan_keys, route
 
 Selection = Tensor | tuple[Tensor, Tensor]
 EXECUTIONS = ("fast", "reference")
@@ -253,12 +253,12 @@ class _DynamicMixin(_WeightCache):
         K = len(self.bits)
         joint = sel_a is sel_w
         plan = self.route_plan
-        if plan is not None:
-            key = plan.key
-        else:  # one key per sample: the candidate (joint) or the (weight, activation) pair
+        if plan is None:  # not planned by the model: one key per sample, planned here
+            # The key: the candidate (joint), or the (weight, activation) pair.
             key = sel_w.argmax(dim=-1)
             if not joint:
                 key = key * K + sel_a.argmax(dim=-1)
+            plan = plan_keys(key, K if joint else K * K)
 
         def quantize(rows: Tensor, k: int | Tensor, owned: bool) -> Tensor:
             ia = k if joint else k % K  # the activation candidate of key k
@@ -269,7 +269,7 @@ class _DynamicMixin(_WeightCache):
         def branch(k: int, xq: Tensor) -> Tensor:
             return self.op(xq, self.quantized_weight(k if joint else k // K))
 
-        return route(x, key, K if joint else K * K, quantize, branch, plan)
+        return route(x, plan, quantize, branch)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, execution={self.execution}"

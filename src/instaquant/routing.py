@@ -81,38 +81,29 @@ def _format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
+def plan_keys(key: Tensor, num_keys: int) -> RoutePlan:
+    """The plan of one layer from its keys ``[B]`` (when no model planned it beforehand)."""
+    return plan_layers(key[:, None], num_keys)[0]
+
+
 def route(
     x: Tensor,
-    key: Tensor,
-    num_keys: int,
+    plan: RoutePlan,
     quantize: Callable[[Tensor, int | Tensor, bool], Tensor],
     branch: Callable[[int, Tensor], Tensor],
-    plan: RoutePlan | None = None,
 ) -> Tensor:
-    """``out[b] = branch(key[b], quantize(x[b], key[b]))`` for every sample ``b``.
+    """``out[b] = branch(key[b], quantize(x[b], key[b]))`` for every sample ``b``, ``key = plan.key``.
 
     ``quantize(rows, keys, owned)`` gets either one key (an int) for all its rows, or one
     key per row (a tensor, rows sorted by key) when the batch is split; ``owned`` says
     whether the rows are a private copy (gathered here) that it may overwrite, or ``x``
-    itself. ``branch`` runs once per distinct key, on that key's rows. ``plan``, if given,
-    holds ``key``'s counts and sort order, computed beforehand.
+    itself. ``branch`` runs once per distinct key, on that key's rows.
     """
-    counts = plan.counts if plan is not None else None
-    if counts is None:
-        if x.shape[0] == 1:
-            k = int(key)
-            return branch(k, quantize(x, k, False))
-        counts = torch.bincount(key, minlength=num_keys).tolist()
-    used = [k for k, c in enumerate(counts) if c]
+    used = [k for k, c in enumerate(plan.counts) if c]
     if len(used) == 1:  # every sample chose the same branch (batch 1 included): no copies
         return branch(used[0], quantize(x, used[0], False))
-    if plan is not None:
-        order, sorted_key = plan.order, plan.sorted_key
-    else:
-        order = torch.argsort(key, stable=True)
-        sorted_key = key[order]
-    quantized = quantize(take_rows(x, order), sorted_key, True)
-    groups, rows = quantized.split(counts), order.split(counts)
+    quantized = quantize(take_rows(x, plan.order), plan.sorted_key, True)
+    groups, rows = quantized.split(plan.counts), plan.order.split(plan.counts)
     out = None
     for k in used:
         y = branch(k, groups[k])

@@ -23,6 +23,8 @@ class Quantizer(nn.Module):
         super().__init__()
         self.bits = tuple(int(b) for b in bits)
         self.share = share
+        # The bit-widths as a tensor, for per-row quantization; moves with the module.
+        self.register_buffer("bit_table", torch.tensor(self.bits), persistent=False)
 
     @property
     def num_slots(self) -> int:
@@ -58,8 +60,7 @@ class Quantizer(nn.Module):
 
     def row_bits(self, index: Tensor, like: Tensor) -> Tensor:
         """Each row's bit-width (integers), shaped ``[B, 1, ...]`` to broadcast over ``like``."""
-        table = torch.tensor(self.bits, device=index.device)
-        return table[index].reshape(-1, *[1] * (like.dim() - 1))
+        return self.bit_table[index].reshape(-1, *[1] * (like.dim() - 1))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, share={self.share}"

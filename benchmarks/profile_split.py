@@ -1,0 +1,65 @@
+"""Where the batch-128 inference time of a split dynamic model goes, operator by operator.
+
+Builds the static and dynamic ResNet-20 of ``speed.py``, brings the process to its steady
+state with the same training steps, then profiles inference of both and prints each
+operator's self CPU time per forward, static against dynamic, largest difference first.
+
+    python benchmarks/profile_split.py               # default layout, 2 threads
+    python benchmarks/profile_split.py --channels-last
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import speed  # benchmarks/speed.py, next to this file
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def op_times(model: torch.nn.Module, x: torch.Tensor, calls: int) -> dict[str, tuple[float, int]]:
+    """Self CPU milliseconds and call count per forward, by operator name."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        speed.infer(model, x, calls)
+    return {
+        e.key: (e.self_cpu_time_total / calls / 1e3, e.count // calls) for e in prof.key_averages()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=10, help="forwards profiled per model")
+    parser.add_argument("--rows", type=int, default=20, help="operators shown")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    setup = speed.SETUPS["resnet20"]
+    models = {n: m.to(memory_format=fmt) for n, m in speed.build_models(setup).items()}
+    x = speed.varied_batch(setup.batch, setup.size).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (setup.batch,), generator=torch.Generator().manual_seed(1))
+    for model in models.values():
+        speed.calibrate(model, x)
+    opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
+    speed.interleaved(
+        {n: (lambda m=m, o=opts[n]: speed.train_step(m, o, x, y)) for n, m in models.items()}, 7
+    )
+    speed.infer(models["fast"], x)
+    print("evaluation choices: " + speed.choice_summary(models["fast"].last.bits_w))
+    static = op_times(models["static"], x, args.calls)
+    dynamic = op_times(models["fast"], x, args.calls)
+    total_s, total_d = (sum(t for t, _ in d.values()) for d in (static, dynamic))
+    print(f"operator self time per forward: static {total_s:.1f} ms, dynamic {total_d:.1f} ms")
+    names = sorted(
+        set(static) | set(dynamic),
+        key=lambda n: -abs(dynamic.get(n, (0, 0))[0] - static.get(n, (0, 0))[0]),
+    )
+    print(f"\n{'operator':34s} {'static ms':>10s} {'calls':>5s} {'dynamic ms':>10s} {'calls':>5s}")
+    for name in names[: args.rows]:
+        (ts, cs), (td, cd) = static.get(name, (0.0, 0)), dynamic.get(name, (0.0, 0))
+        print(f"{name:34s} {ts:10.2f} {cs:5d} {td:10.2f} {cd:5d}  {td - ts:+.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ so slow drifts of the machine's speed cancel.
     python benchmarks/speed.py --models resnet20 --repeats 5
     python benchmarks/speed.py --checkpoint runs/reproduce_cifar10/pact_dq_budget4/best.pt
     python benchmarks/speed.py --models resnet20 --runs 5   # medians over 5 fresh processes
+    python benchmarks/speed.py --device cuda                 # on a GPU (no targets there)
 
 ``--checkpoint`` adds the inference of a trained dynamic model on its own test images, whose
 controller splits the batch as training left it.
@@ -118,14 +119,24 @@ def infer(model: nn.Module, x: torch.Tensor, calls: int = 1) -> None:
             model(x)
 
 
-def timed(fn: Callable[[], None]) -> float:
+def no_wait() -> None:
+    """CPU work is done when the call returns."""
+
+
+def timed(fn: Callable[[], None], wait: Callable[[], None] = no_wait) -> float:
+    """Seconds ``fn`` takes; ``wait`` blocks until queued device work is done (GPU)."""
+    wait()
     start = time.perf_counter()
     fn()
+    wait()
     return time.perf_counter() - start
 
 
 def interleaved(
-    jobs: dict[str, Callable[[], None]], repeats: int, warmup: int = 2
+    jobs: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int = 2,
+    wait: Callable[[], None] = no_wait,
 ) -> dict[str, list[float]]:
     """Seconds per job and repeat; every repeat runs each job once, the order rotating."""
     names = list(jobs)
@@ -135,7 +146,7 @@ def interleaved(
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(timed(jobs[name]))
+            times[name].append(timed(jobs[name], wait))
     return times
 
 
@@ -159,15 +170,22 @@ def varied_batch(batch: int, size: int, seed: int = 1) -> torch.Tensor:
 
 
 def run(
-    setup: Setup, repeats: int, b1_calls: int, fmt: torch.memory_format
+    setup: Setup,
+    repeats: int,
+    b1_calls: int,
+    fmt: torch.memory_format,
+    device: torch.device | None = None,
 ) -> list[tuple[str, float, float | None]]:
-    models = {n: m.to(memory_format=fmt) for n, m in build_models(setup).items()}
-    x = varied_batch(setup.batch, setup.size).contiguous(memory_format=fmt)
+    device = device or torch.device("cpu")
+    models = {n: m.to(device, memory_format=fmt) for n, m in build_models(setup).items()}
+    x = varied_batch(setup.batch, setup.size).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (setup.batch,), generator=torch.Generator().manual_seed(1))
+    y = y.to(device)
     x1 = x[:1].clone()
+    wait = torch.cuda.synchronize if device.type == "cuda" else no_wait
     print(
         f"\n## {setup.name}, {setup.size}x{setup.size} input, batch {setup.batch}, bits {BITS}, "
-        f"{str(fmt).removeprefix('torch.')}"
+        f"{str(fmt).removeprefix('torch.')}, {device.type}"
     )
 
     for model in models.values():
@@ -176,14 +194,16 @@ def run(
     # inference timed in a fresh process does not have.
     opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
     train = interleaved(
-        {n: (lambda m=m, o=opts[n]: train_step(m, o, x, y)) for n, m in models.items()}, repeats
+        {n: (lambda m=m, o=opts[n]: train_step(m, o, x, y)) for n, m in models.items()},
+        repeats,
+        wait=wait,
     )
     print("training choices (last step): " + choice_summary(models["fast"].last.bits_w))
     infer(models["fast"], x)
     print("evaluation choices:           " + choice_summary(models["fast"].last.bits_w))
-    inf = interleaved({n: (lambda m=m: infer(m, x)) for n, m in models.items()}, repeats)
+    inf = interleaved({n: (lambda m=m: infer(m, x)) for n, m in models.items()}, repeats, wait=wait)
     inf1 = interleaved(
-        {n: (lambda m=m: infer(m, x1, b1_calls)) for n, m in models.items()}, repeats
+        {n: (lambda m=m: infer(m, x1, b1_calls)) for n, m in models.items()}, repeats, wait=wait
     )
     # The same dynamic model with every layer forced to one candidate: the cost of the
     # controller and bookkeeping alone, without splitting the batch.
@@ -195,7 +215,7 @@ def run(
             infer(fast, x)
 
     inf_forced = interleaved(
-        {"static": lambda: infer(models["static"], x), "forced": forced}, repeats
+        {"static": lambda: infer(models["static"], x), "forced": forced}, repeats, wait=wait
     )
 
     for label, t, scale, unit in (
@@ -206,7 +226,9 @@ def run(
         med = {n: statistics.median(t[n]) * scale for n in VARIANTS}
         print(f"{label:>16}: " + "  ".join(f"{n} {med[n]:.4g} {unit}" for n in VARIANTS))
 
-    target = (lambda key: TARGETS[key]) if setup.targets else (lambda key: None)
+    # The targets are for this project's 2-core CPU.
+    on_target = setup.targets and device.type == "cpu"
+    target = (lambda key: TARGETS[key]) if on_target else (lambda key: None)
     b = setup.batch
     return [
         ("train step dynamic/static", ratio(train, "fast", "static"), target("train")),
@@ -342,12 +364,20 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="repeat the whole benchmark in this many fresh processes and report medians",
     )
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where the models run"
+    )
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)  # one process's rows
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here")
+    if args.device == "cuda" and args.checkpoint:
+        parser.error("--checkpoint runs on the CPU only; leave out --device cuda")
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {args.threads} threads of {os.cpu_count()} CPUs, "
@@ -356,13 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Other processes on the machine distort timings; say how busy it was.
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}")
     if args.runs > 1:
         across_processes(argv, args.runs)
     else:
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         rows = []
         for name in args.models:
-            rows += [[name, *r] for r in run(SETUPS[name], args.repeats, args.b1_calls, fmt)]
+            found = run(SETUPS[name], args.repeats, args.b1_calls, fmt, device)
+            rows += [[name, *r] for r in found]
         if args.checkpoint:
             rows += [
                 ["trained", *r]

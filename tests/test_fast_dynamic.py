@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import instaquant as iq
+from helpers import assert_models_match, dynamic_resnet20, seeded_train_step, varied_images
 from instaquant import fast_dynamic
 from instaquant.layers import DynamicQConv2d, DynamicQLinear
 from instaquant.quant.methods import make_activation_quantizer
@@ -388,60 +388,12 @@ def test_eval_weight_cache_is_invalidated():
 # --------------------------------------------------------------------------- whole models
 
 
-def _model(method="pact", separate=False, bias=None):
-    fp = iq.models.resnet20(num_classes=10)
-    spec = iq.DynamicSpec(method=method, bits=(3, 4, 5), separate=separate)
-    model = iq.dynamic(fp, spec, example_input=torch.randn(1, 3, 16, 16)).double()
-    g = _gen(1)
-    with torch.no_grad():
-        for lin in (model.controller.fc1, model.controller.fc2):
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 3.0)
-            lin.bias.zero_()
-        if bias is not None:  # one candidate far ahead: every sample picks it
-            model.controller.fc2.weight.zero_()
-            model.controller.fc2.bias.copy_(bias.repeat(model.controller.fc2.bias.numel() // K))
-    return model
-
-
-def _varied(n, seed=0):
-    g = _gen(seed)
-    scale = torch.linspace(0.2, 3.0, n).view(n, 1, 1, 1)
-    return (
-        torch.randn(n, 3, 16, 16, generator=g) * scale + torch.randn(n, 3, 1, 1, generator=g)
-    ).double()
-
-
-def _train_step(model, x, y, seed=5):
-    torch.manual_seed(seed)  # same Gumbel noise and dropout for both executions
-    out = model(x)
-    (F.cross_entropy(out, y) + model.budget_loss()).backward()
-    return out
-
-
-def _assert_models_match(fast, ref, x, y):
-    for layer in ref.dynamic_modules():
-        layer.execution = "reference"
-    out_f, out_r = _train_step(fast, x, y), _train_step(ref, x, y)
-    torch.testing.assert_close(out_f, out_r, **EXACT)
-    torch.testing.assert_close(fast.last.selection, ref.last.selection, **EXACT)
-    named_r = dict(ref.named_parameters())
-    checked = 0
-    for name, p in fast.named_parameters():
-        q = named_r[name]
-        assert (p.grad is None) == (q.grad is None), name
-        if q.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-9, msg=name)
-            checked += 1
-    assert checked == sum(p.grad is not None for p in named_r.values()) > 50
-    return fast.last
-
-
 @pytest.mark.parametrize("method", ["pact", "lsq"])
 def test_model_train_step_matches_reference(method):
-    fast = _model(method)
+    fast = dynamic_resnet20(method)
     ref = copy.deepcopy(fast)
-    x, y = _varied(8), torch.arange(8)
-    rec = _assert_models_match(fast, ref, x, y)
+    x, y = varied_images(8), torch.arange(8)
+    rec = assert_models_match(fast, ref, x, y)
     assert torch.unique(rec.bits_w, dim=0).shape[0] > 1, "samples should choose differently"
     assert fast.controller.fc2.weight.grad.abs().sum() > 0
     aq = fast.model.layer3[2].conv2.aq
@@ -449,27 +401,27 @@ def test_model_train_step_matches_reference(method):
 
 
 def test_model_separate_choice_matches_reference():
-    fast = _model("pact", separate=True)
-    _assert_models_match(fast, copy.deepcopy(fast), _varied(6), torch.arange(6))
+    fast = dynamic_resnet20("pact", separate=True)
+    assert_models_match(fast, copy.deepcopy(fast), varied_images(6), torch.arange(6))
 
 
 def test_model_batch_size_one_and_all_same_candidate():
-    fast = _model("pact")
-    _assert_models_match(fast, copy.deepcopy(fast), _varied(1), torch.tensor([3]))
-    same = _model("pact", bias=torch.tensor([0.0, 40.0, 0.0], dtype=torch.float64))
-    rec = _assert_models_match(same, copy.deepcopy(same), _varied(6), torch.arange(6))
+    fast = dynamic_resnet20("pact")
+    assert_models_match(fast, copy.deepcopy(fast), varied_images(1), torch.tensor([3]))
+    same = dynamic_resnet20("pact", bias=torch.tensor([0.0, 40.0, 0.0], dtype=torch.float64))
+    rec = assert_models_match(same, copy.deepcopy(same), varied_images(6), torch.arange(6))
     assert (rec.bits_w == 4).all()
 
 
 def test_model_eval_mode_with_gradients_matches_reference():
-    fast = _model("pact")
-    x, y = _varied(6), torch.arange(6)
-    _train_step(fast, x, y)  # initialise the quantizers
+    fast = dynamic_resnet20("pact")
+    x, y = varied_images(6), torch.arange(6)
+    seeded_train_step(fast, x, y)  # initialise the quantizers
     fast.zero_grad()
     ref = copy.deepcopy(fast)
     fast.eval()
     ref.eval()
-    _assert_models_match(fast, ref, x, y)
+    assert_models_match(fast, ref, x, y)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), atol=1e-12, rtol=1e-12)
 
@@ -477,13 +429,13 @@ def test_model_eval_mode_with_gradients_matches_reference():
 @pytest.mark.parametrize("separate", [False, True])
 @pytest.mark.parametrize("batch", [1, 7])
 def test_model_routed_eval_matches_reference(separate, batch):
-    fast = _model("pact", separate=separate)
-    fast(_varied(8))  # a training-mode pass: batch norms and quantizer ranges set
+    fast = dynamic_resnet20("pact", separate=separate)
+    fast(varied_images(8))  # a training-mode pass: batch norms and quantizer ranges set
     ref = copy.deepcopy(fast)
     for layer in ref.dynamic_modules():
         layer.execution = "reference"
     fast.eval(), ref.eval()
-    x = _varied(batch)
+    x = varied_images(batch)
     with torch.no_grad():
         out_f, out_r = fast(x), ref(x)
     torch.testing.assert_close(out_f, out_r, atol=1e-10, rtol=1e-10)

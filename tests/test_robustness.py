@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from instaquant import config as C
+from instaquant import distributed
 from instaquant.builder import load_for_eval
 from instaquant.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from instaquant.cli import main
@@ -20,7 +21,14 @@ from instaquant.engine import NonFiniteLossError, fit, train_model
 from instaquant.evaluation import evaluate
 
 EMPTY = Path(__file__).parent / "empty_config.yaml"  # every key from the command line
-TINY = ["data.name=digits", "data.limit=160", "data.batch_size=32", "model.name=digits_net"]
+# On the CPU: exact resume and identical ranks assume deterministic CPU kernels.
+TINY = [
+    "data.name=digits",
+    "data.limit=160",
+    "data.batch_size=32",
+    "model.name=digits_net",
+    "device=cpu",
+]
 DQ = ["recipe=dynamic", "quant.bits=[2, 3, 4]", "budget.target_bits=3", "optim.lr=0.02"]
 
 
@@ -225,3 +233,10 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     single = evaluate(model, extra["test_loader"], cfg.ref_bits).metrics
     assert rows[-1]["test_top1"] == single["top1"] and rows[-1]["test_samples"] == single["samples"]
     assert rows[-1]["test_bitops_mean"] == pytest.approx(single["bitops_mean"], rel=1e-12)
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
+    with pytest.raises(RuntimeError, match=r"only \d+ GPU\(s\) are visible.*device=cpu"):
+        distributed.setup("cuda")

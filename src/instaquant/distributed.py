@@ -60,6 +60,12 @@ def setup(device_name: str) -> DistContext:
     use_cuda = device_name.startswith("cuda") or (
         device_name == "auto" and torch.cuda.is_available()
     )
+    if use_cuda and world > 1 and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"process {local_rank} of this node needs GPU {local_rank}, but only "
+            f"{torch.cuda.device_count()} GPU(s) are visible: start one process per GPU "
+            "(torchrun --nproc_per_node), or set device=cpu to train on gloo"
+        )
     if use_cuda:
         device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)

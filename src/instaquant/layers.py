@@ -9,8 +9,9 @@ bit-widths. Before each forward its owner sets ``layer.selection``: a one-hot
   ``y = Σ_k m_k · op(Q^a_k(x), Q^w_k(W))`` (every branch computed).
 - ``fast``: without autograd (evaluation) each sample is routed to its selected
   branch only, with quantized weights cached per candidate; with autograd
-  (training) :func:`~instaquant.fast_dynamic.mixture_forward` gives the mixture's
-  value and exact gradients with the backward run on each sample's branch only.
+  (training) on the CPU :func:`~instaquant.fast_dynamic.mixture_forward` gives the
+  mixture's value and exact gradients with the backward run on each sample's branch
+  only, while on a GPU the mixture itself is faster and is used.
 """
 
 from __future__ import annotations
@@ -219,6 +220,11 @@ class _DynamicMixin(_WeightCache):
         if self.execution == "reference":
             return self.reference_forward(x, sel_w, sel_a, joint)
         if self._needs_grad(x, sel_w, sel_a):
+            if x.device.type != "cpu":
+                # On a GPU the row-split backward measured slower than the mixture: it waits for
+                # the host to learn each layer's split, and its many small kernels leave the
+                # GPU idle (docs/benchmarks.md, "On a GPU"). The values are the same.
+                return self.reference_forward(x, sel_w, sel_a, joint)
             return mixture_forward(self, x, sel_w, sel_a, joint)
         return self.routed_forward(x, sel_w, sel_a)
 

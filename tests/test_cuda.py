@@ -79,7 +79,7 @@ def _host_waits(fn) -> list[str]:
     waits: list[str] = []
 
     def record(message, *args, **kwargs):
-        if "synchroniz" in str(message):
+        if "called a synchronizing CUDA operation" in str(message):
             frames = traceback.format_stack()[:-1]
             waits.append("".join(f for f in frames if "site-packages" not in f)[-1200:])
 

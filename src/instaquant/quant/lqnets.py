@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .methods import Quantizer
+from .methods import InitFlags, Quantizer
 
 #: Moving-average factor of the basis (LQ-Nets: 0.9): ``v ← m·v + (1 - m)·v_QEM``.
 MOMENTUM = 0.9
@@ -221,7 +221,7 @@ def init_basis(x: Tensor, bits: int, signed: bool, steps: int = INIT_STEPS) -> T
     return best
 
 
-class LQNetsQuantizer(Quantizer):
+class LQNetsQuantizer(InitFlags, Quantizer):
     """LQ-Nets quantizer over candidate bit-widths: one basis per candidate (buffer ``basis``).
 
     ``basis`` is ``[num_slots, G, max(bits)]``; slot ``s`` of a ``b``-bit candidate uses
@@ -266,7 +266,7 @@ class LQNetsQuantizer(Quantizer):
 
     def maybe_init(self, x: Tensor) -> None:
         """Initialise every slot at once from the first grouped tensor ``x`` ``[G, M]``."""
-        if bool(self.initialized.all()):
+        if self.all_initialized():
             return
         with torch.no_grad():
             basis = self.basis
@@ -279,7 +279,7 @@ class LQNetsQuantizer(Quantizer):
             self.basis = basis
             # An all-zero first tensor (a dead layer, a blank batch) says nothing about the
             # scale: keep the finite floor basis and initialise again from the next tensor.
-            self.initialized.fill_(bool(x.detach().abs().amax() > 0))
+            self.set_initialized(bool(x.detach().abs().amax() > 0))
 
     def forward(self, v: Tensor, index: int) -> Tensor:
         x = self.grouped(v)

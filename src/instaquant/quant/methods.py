@@ -93,7 +93,32 @@ class DoReFaActivation(Quantizer):
         return f"{super().extra_repr()}, signed={self.signed}"
 
 
-class _LazyInit(Quantizer):
+class InitFlags:
+    """A per-slot ``initialized`` buffer whose "all set" answer is remembered per version of
+    the buffer, so that asking waits for the GPU only after the flags changed."""
+
+    initialized: Tensor
+    _ready_at: tuple[int, int] | None = None
+
+    def _flags_version(self) -> tuple[int, int]:
+        return (self.initialized.data_ptr(), self.initialized._version)
+
+    def all_initialized(self) -> bool:
+        """Whether every slot is set (a host wait only when the buffer changed since last asked)."""
+        if self._ready_at == self._flags_version():
+            return True
+        if bool(self.initialized.all()):
+            self._ready_at = self._flags_version()
+            return True
+        return False
+
+    def set_initialized(self, value: bool) -> None:
+        """Mark every slot set (or unset); a ``True`` is remembered without another wait."""
+        self.initialized.fill_(value)
+        self._ready_at = self._flags_version() if value else None
+
+
+class _LazyInit(InitFlags, Quantizer):
     """A quantizer whose parameter per slot is set from the first tensor it sees.
 
     The ``initialized`` buffer travels with the state dict, so a loaded model is
@@ -103,20 +128,9 @@ class _LazyInit(Quantizer):
     def __init__(self, bits: tuple[int, ...], share: bool = False) -> None:
         super().__init__(bits, share)
         self.register_buffer("initialized", torch.zeros(self.num_slots, dtype=torch.bool))
-        self._ready_at: tuple[int, int] | None = None
 
     def initial_value(self, v: Tensor, index: int) -> Tensor:
         raise NotImplementedError
-
-    def all_initialized(self) -> bool:
-        """Whether every slot is set; remembered per version of the buffer, saving a sync per call."""
-        seen = (self.initialized.data_ptr(), self.initialized._version)
-        if self._ready_at == seen:
-            return True
-        if bool(self.initialized.all()):
-            self._ready_at = seen
-            return True
-        return False
 
     def maybe_init(self, param: nn.Parameter, v: Tensor) -> None:
         """Set every slot at once on the first call (later in-place writes would break autograd)."""
@@ -127,7 +141,7 @@ class _LazyInit(Quantizer):
                 if not bool(self.initialized[s]):
                     index = len(self.bits) // 2 if self.share else s
                     param[s] = self.initial_value(v, index)
-            self.initialized.fill_(True)
+            self.set_initialized(True)
 
 
 class PACTActivation(_LazyInit):

@@ -189,6 +189,16 @@ def test_soft_selection_falls_back_to_the_reference():
     assert fast_dynamic.plan_from_selection(soft) is None
 
 
+def test_plan_needs_exactly_one_choice_per_sample():
+    hard = F.one_hot(torch.tensor([2, 0, 1]), K).double()
+    plan = fast_dynamic.plan_from_selection(hard)
+    assert plan.index.tolist() == [2, 0, 1] and plan.counts == (1, 1, 1)
+    assert [r.tolist() for r in plan.rows] == [[1], [2], [0]]
+    # As many non-zeros as samples, but two in one row and none in another: not one-hot.
+    uneven = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert fast_dynamic.plan_from_selection(uneven) is None
+
+
 class _CallRecorder(TorchDispatchMode):
     """Batch sizes of every convolution forward/backward that runs under it."""
 

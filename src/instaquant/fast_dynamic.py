@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .quant.methods import DoReFaActivation, PACTActivation
+from .routing import plan_keys
 
 # Quantizers q for which q(x[rows], k) == q(x, k)[rows] in value and whose parameter gradient is
 # a plain sum over elements, so differentiating each candidate's rows alone is exact.
@@ -55,13 +56,12 @@ def plan_from_selection(sel: Tensor) -> _Plan | None:
     choice, and ``1 ± ulp`` on it, so the test is "one non-zero per row".
     """
     B, K = sel.shape
-    rows, index = (sel != 0).nonzero(as_tuple=True)
-    if rows.numel() != B or B == 0:
+    chosen = sel != 0
+    if B == 0 or not bool((chosen.sum(1) == 1).all()):
         return None
-    counts = torch.bincount(index, minlength=K)
-    order = torch.argsort(index, stable=True)
-    sizes = tuple(int(c) for c in counts.tolist())
-    return _Plan(index, tuple(order.split(sizes)), sizes, B)
+    index = chosen.to(torch.int8).argmax(1)
+    split = plan_keys(index, K)
+    return _Plan(index, tuple(split.order.split(split.counts)), tuple(split.counts), B)
 
 
 # --------------------------------------------------------------------------- ops

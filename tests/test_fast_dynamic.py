@@ -200,13 +200,18 @@ def test_plan_needs_exactly_one_choice_per_sample():
 
 
 class _CallRecorder(TorchDispatchMode):
-    """Batch sizes of every convolution forward/backward that runs under it."""
+    """Batch sizes of every convolution forward/backward that runs under it, and every op's name."""
 
     def __init__(self):
         super().__init__()
-        self.forward, self.backward = [], []
+        self.forward, self.backward, self.ops = [], [], []
+
+    def count(self, op: str) -> int:
+        """Calls of ``op``, in-place and out= variants included."""
+        return sum(name.split(".")[0].rstrip("_") == op for name in self.ops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
         if func is torch.ops.aten.convolution.default:
             self.forward.append(args[0].shape[0])
         elif func is torch.ops.aten.convolution_backward.default:
@@ -340,7 +345,8 @@ def test_route_puts_outputs_back_in_input_order():
 @pytest.mark.parametrize("method", ["pact", "dorefa", "lsq", "lqnets"])
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("share", [False, True])
-def test_infer_rows_gives_each_row_its_candidates_value(method, signed, share):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_infer_rows_gives_each_row_its_candidates_value(method, signed, share, grouped):
     if method == "lqnets" and share:
         pytest.skip("LQ-Nets keeps one basis per bit-width: no shared parameters")
     q = make_activation_quantizer(method, (2, 3, 5), signed, share)
@@ -349,6 +355,8 @@ def test_infer_rows_gives_each_row_its_candidates_value(method, signed, share):
         q(x, 0)  # lazy initialisation, as in a first training batch
         q.eval()
         index = torch.tensor([2, 0, 1, 1, 0, 2, 2, 1, 0, 0, 1, 2])
+        if grouped:  # as routing passes them: rows sorted by candidate
+            index = index.sort().values
         expected = torch.cat([q(x[b : b + 1], int(index[b])) for b in range(12)])
         got = q.infer_rows(x.clone(), index)
         given = x.clone()
@@ -356,6 +364,20 @@ def test_infer_rows_gives_each_row_its_candidates_value(method, signed, share):
     torch.testing.assert_close(got, expected, **EXACT)
     torch.testing.assert_close(got_inplace, expected, **EXACT)
     assert got_inplace.data_ptr() == given.data_ptr()
+
+
+def test_default_infer_rows_moves_no_rows_when_grouped():
+    q = make_activation_quantizer("lqnets", (2, 3, 5), False, False)  # no per-row form
+    x = _input(_layer("conv", "lqnets"), 9).float()
+    with torch.no_grad():
+        q(x, 0)
+        q.eval()
+        with _CallRecorder() as ops:
+            q.infer_rows(x.clone(), torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2]), inplace=True)
+        assert ops.count("index_select") == 0 and ops.count("index_copy") == 0
+        with _CallRecorder() as ops:
+            q.infer_rows(x.clone(), torch.tensor([0, 1, 0, 1, 1, 2, 2, 2, 2]), inplace=True)
+        assert ops.count("index_select") == 3, "ungrouped rows: one gather per candidate"
 
 
 @pytest.mark.parametrize("pattern", ["mixed", "two_of_three", "all_same"])
@@ -453,6 +475,26 @@ def test_model_routed_eval_matches_reference(separate, batch):
     if batch > 1:
         assert len(torch.unique(fast.last.bits_w)) > 1, "the batch must be split to test routing"
     assert all(layer.route_plan is None for layer in fast.dynamic_modules()), "plans are per call"
+
+
+def test_routing_planned_once_per_forward_and_only_when_used(monkeypatch):
+    import instaquant.convert as convert
+
+    calls = []
+    real = convert.plan_layers
+    monkeypatch.setattr(convert, "plan_layers", lambda *a: calls.append(1) or real(*a))
+    fast = dynamic_resnet20("pact")
+    fast(varied_images(4))  # training mode: no plan
+    assert calls == []
+    fast.eval()
+    with torch.no_grad():
+        fast(varied_images(4))
+    assert calls == [1]
+    for layer in fast.dynamic_modules():
+        layer.execution = "reference"
+    with torch.no_grad():
+        fast(varied_images(4))
+    assert calls == [1], "a model of reference layers routes nothing and plans nothing"
 
 
 def test_plan_layers_matches_per_layer_sorting():

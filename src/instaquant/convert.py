@@ -253,8 +253,11 @@ class DynamicQuantModel(QuantModel):
         else:
             logits = self.controller(out)
             sel = select(logits, self.tau, self.training, self.spec.sample_in_eval)
-        plans = self._route_plans(sel) if not torch.is_grad_enabled() else None
-        for i, layer in enumerate(self.dynamic_modules()):
+        layers = self.dynamic_modules()
+        # Only layers with fast execution route; a model of reference layers needs no plan.
+        routes = not torch.is_grad_enabled() and any(m.execution == "fast" for m in layers)
+        plans = self._route_plans(sel) if routes else None
+        for i, layer in enumerate(layers):
             layer.selection = (sel[:, i, 0], sel[:, i, 1]) if self.spec.separate else sel[:, i]
             layer.route_plan = plans[i] if plans else None
         self._pending = (sel, logits)

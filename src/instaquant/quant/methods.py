@@ -44,11 +44,19 @@ class Quantizer(nn.Module):
     def infer_rows(self, x: Tensor, index: Tensor, inplace: bool = False) -> Tensor:
         """Row ``b`` of ``x`` quantized with candidate ``index[b]`` (no gradient needed).
 
-        This default gathers each candidate's rows and runs :meth:`infer` on them;
-        element-wise quantizers override it with one pass over all rows.
+        This default runs :meth:`infer` on each candidate's rows: on slices when the rows come
+        grouped by candidate (routing sorts them), gathered copies otherwise. Element-wise
+        quantizers override it with one pass over all rows.
         """
         out = x if inplace else torch.empty_like(x)
-        for k in index.unique().tolist():
+        runs, counts = (t.tolist() for t in torch.unique_consecutive(index, return_counts=True))
+        if len(set(runs)) == len(runs):  # grouped: each candidate's rows are one slice
+            for k, rows, dest in zip(runs, x.split(counts), out.split(counts), strict=True):
+                q = self.infer(rows, k, inplace=inplace)
+                if q.data_ptr() != dest.data_ptr():
+                    dest.copy_(q)
+            return out
+        for k in set(runs):
             rows = (index == k).nonzero().squeeze(1)
             out.index_copy_(0, rows, self.infer(x.index_select(0, rows), k, inplace=True))
         return out

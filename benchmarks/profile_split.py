@@ -2,7 +2,10 @@
 
 Builds the static and dynamic ResNet-20 of ``speed.py``, brings the process to its steady
 state with the same training steps, then profiles inference of both and prints each
-operator's self CPU time per forward, static against dynamic, largest difference first.
+operator's self CPU time per forward, static against dynamic, largest difference first,
+then the time oneDNN itself reports for its primitives (convolution kernels and layout
+reorders) in one forward of each: what the split costs inside the kernels, apart from the
+calls, copies and Python around them.
 
     python benchmarks/profile_split.py               # default layout, 2 threads
     python benchmarks/profile_split.py --channels-last
@@ -11,6 +14,11 @@ operator's self CPU time per forward, static against dynamic, largest difference
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
+import sys
+import tempfile
+from collections import defaultdict
 
 import speed  # benchmarks/speed.py, next to this file
 import torch
@@ -24,6 +32,35 @@ def op_times(model: torch.nn.Module, x: torch.Tensor, calls: int) -> dict[str, t
     return {
         e.key: (e.self_cpu_time_total / calls / 1e3, e.count // calls) for e in prof.key_averages()
     }
+
+
+def onednn_ms(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[float, int]]:
+    """Milliseconds and calls per oneDNN primitive kind in one forward, from oneDNN's verbose log.
+
+    oneDNN prints the log with C stdio on file descriptor 1, so that descriptor is pointed at
+    a temporary file for the forward.
+    """
+    libc = ctypes.CDLL(None)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                speed.infer(model, x)
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        found: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for line in log:
+            fields = line.strip().split(",")
+            if line.startswith("onednn_verbose") and "exec" in fields[:4]:
+                kind = fields[fields.index("exec") + 2]  # after the engine ("cpu")
+                found[kind][0] += float(fields[-1])
+                found[kind][1] += 1
+    return {kind: (ms, int(calls)) for kind, (ms, calls) in found.items()}
 
 
 def main() -> None:
@@ -59,6 +96,15 @@ def main() -> None:
     for name in names[: args.rows]:
         (ts, cs), (td, cd) = static.get(name, (0.0, 0)), dynamic.get(name, (0.0, 0))
         print(f"{name:34s} {ts:10.2f} {cs:5d} {td:10.2f} {cd:5d}  {td - ts:+.2f}")
+
+    kernels = {n: onednn_ms(models[n], x) for n in ("static", "fast")}
+    if not any(kernels.values()):
+        print("\noneDNN logged no primitives (a build without oneDNN verbose support)")
+        return
+    print("\ninside oneDNN, one forward (its own timing of each primitive):")
+    for kind in sorted(set(kernels["static"]) | set(kernels["fast"])):
+        (ts, cs), (td, cd) = (kernels[n].get(kind, (0.0, 0)) for n in ("static", "fast"))
+        print(f"{kind:34s} {ts:10.2f} {cs:5d} {td:10.2f} {cd:5d}  {td - ts:+.2f}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import assert_models_match, dynamic_resnet20, seeded_train_step, varied_images
-from instaquant import fast_dynamic
+from instaquant import convert, fast_dynamic
 from instaquant.layers import DynamicQConv2d, DynamicQLinear
 from instaquant.quant.methods import make_activation_quantizer
 from instaquant.routing import plan_keys, plan_layers, put_rows, route, take_rows
@@ -478,8 +478,6 @@ def test_model_routed_eval_matches_reference(separate, batch):
 
 
 def test_routing_planned_once_per_forward_and_only_when_used(monkeypatch):
-    import instaquant.convert as convert
-
     calls = []
     real = convert.plan_layers
     monkeypatch.setattr(convert, "plan_layers", lambda *a: calls.append(1) or real(*a))

@@ -166,6 +166,9 @@ def main() -> None:
         help="then PACT runs testing why DQ loses on the schedule (shared α, twice the epochs)",
     )
     args = p.parse_args()
+    if args.ablations and "pact" not in args.methods:
+        # Checked before the main runs, not after hours of training.
+        p.error("--ablations varies the PACT runs: include pact in --methods")
 
     schedule = "quick" if args.quick else "paper"
     root = args.root or extract(args.archive, args.data_dir)
@@ -187,8 +190,6 @@ def main() -> None:
     )
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {plot}")
     if args.ablations:
-        if "pact" not in args.methods:
-            raise SystemExit("--ablations varies the PACT runs: include pact in --methods")
         base = {e["name"]: e for e in entries}
         extra = run_all(ablation_plan(runs, args.out, schedule), args.progress)
         table = format_table([base["pact_static4"], base["pact_dq_budget4"], *extra])

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from instaquant import config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,3 +43,13 @@ def test_quick_plan_and_ablations_are_valid_configs(tmp_path):
     assert extra["pact_static4_qat2x"].epochs == 2 * cfgs["pact_static4"].epochs
     assert extra["pact_dq_budget4_qat2x"].epochs == 2 * base.epochs
     assert len({c.out for c in (*cfgs.values(), *extra.values())}) == len(cfgs) + len(extra)
+
+
+def test_ablations_without_pact_stop_before_any_training(tmp_path, monkeypatch, capsys):
+    script = _script()
+    monkeypatch.setattr(script, "run_all", lambda *a: pytest.fail("trained before checking"))
+    argv = ["reproduce_cifar10.py", "--quick", "--ablations", "--methods", "dorefa"]
+    monkeypatch.setattr("sys.argv", [*argv, "--root", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        script.main()
+    assert stop.value.code == 2 and "include pact in --methods" in capsys.readouterr().err

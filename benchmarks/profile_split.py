@@ -72,16 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    setup = speed.SETUPS["resnet20"]
-    models = {n: m.to(memory_format=fmt) for n, m in speed.build_models(setup).items()}
-    x = speed.varied_batch(setup.batch, setup.size).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (setup.batch,), generator=torch.Generator().manual_seed(1))
-    for model in models.values():
-        speed.calibrate(model, x)
-    opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
-    speed.interleaved(
-        {n: (lambda m=m, o=opts[n]: speed.train_step(m, o, x, y)) for n, m in models.items()}, 7
-    )
+    models, x, _ = speed.trained_models(speed.SETUPS["resnet20"], 7, fmt, torch.device("cpu"))
     speed.infer(models["fast"], x)
     print("evaluation choices: " + speed.choice_summary(models["fast"].last.bits_w))
     static = op_times(models["static"], x, args.calls)

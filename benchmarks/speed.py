@@ -169,6 +169,34 @@ def varied_batch(batch: int, size: int, seed: int = 1) -> torch.Tensor:
     return x + torch.randn(batch, 3, 1, 1, generator=g)
 
 
+def trained_models(
+    setup: Setup,
+    repeats: int,
+    fmt: torch.memory_format,
+    device: torch.device,
+    wait: Callable[[], None] = no_wait,
+) -> tuple[dict[str, nn.Module], torch.Tensor, dict[str, list[float]]]:
+    """The three models and the batch, batch norms calibrated, after ``repeats`` interleaved
+    training steps each (also returned, as timings).
+
+    Training comes first because it brings the process to its steady state (allocator,
+    caches), which inference timed in a fresh process does not have.
+    """
+    models = {n: m.to(device, memory_format=fmt) for n, m in build_models(setup).items()}
+    x = varied_batch(setup.batch, setup.size).to(device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (setup.batch,), generator=torch.Generator().manual_seed(1))
+    y = y.to(device)
+    for model in models.values():
+        calibrate(model, x)
+    opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
+    train = interleaved(
+        {n: (lambda m=m, o=opts[n]: train_step(m, o, x, y)) for n, m in models.items()},
+        repeats,
+        wait=wait,
+    )
+    return models, x, train
+
+
 def run(
     setup: Setup,
     repeats: int,
@@ -177,27 +205,13 @@ def run(
     device: torch.device | None = None,
 ) -> list[tuple[str, float, float | None]]:
     device = device or torch.device("cpu")
-    models = {n: m.to(device, memory_format=fmt) for n, m in build_models(setup).items()}
-    x = varied_batch(setup.batch, setup.size).to(device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (setup.batch,), generator=torch.Generator().manual_seed(1))
-    y = y.to(device)
-    x1 = x[:1].clone()
     wait = torch.cuda.synchronize if device.type == "cuda" else no_wait
     print(
         f"\n## {setup.name}, {setup.size}x{setup.size} input, batch {setup.batch}, bits {BITS}, "
         f"{str(fmt).removeprefix('torch.')}, {device.type}"
     )
-
-    for model in models.values():
-        calibrate(model, x)
-    # Training first: it also brings the process to its steady state (allocator, caches), which
-    # inference timed in a fresh process does not have.
-    opts = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in models.items()}
-    train = interleaved(
-        {n: (lambda m=m, o=opts[n]: train_step(m, o, x, y)) for n, m in models.items()},
-        repeats,
-        wait=wait,
-    )
+    models, x, train = trained_models(setup, repeats, fmt, device, wait)
+    x1 = x[:1].clone()
     print("training choices (last step): " + choice_summary(models["fast"].last.bits_w))
     infer(models["fast"], x)
     print("evaluation choices:           " + choice_summary(models["fast"].last.bits_w))

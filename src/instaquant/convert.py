@@ -21,7 +21,7 @@ from .controller import BitController, select
 from .cost import BITOPS_CONVENTION, Budget, LayerInfo, Profile, bitops_at, controller_cost, probe
 from .layers import EXECUTIONS, DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
 from .quant.methods import METHODS, min_bits
-from .routing import RoutePlan, plan_layers
+from .routing import RoutePlan, choice_keys, plan_layers
 
 FIRST_LAST = ("fp", "8bit", "quantize")
 
@@ -266,9 +266,8 @@ class DynamicQuantModel(QuantModel):
         """Every dynamic layer's routing for a no-grad forward, planned in one go."""
         K = len(self.spec.bits)
         if self.spec.separate:
-            keys = sel[:, :, 0].argmax(-1) * K + sel[:, :, 1].argmax(-1)
-            return plan_layers(keys, K * K)
-        return plan_layers(sel.argmax(-1), K)
+            return plan_layers(*choice_keys(sel[:, :, 0], sel[:, :, 1], K))
+        return plan_layers(*choice_keys(sel, None, K))
 
     @contextmanager
     def forced_bits(self, bits_w: list[int], bits_a: list[int] | None = None):

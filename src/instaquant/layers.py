@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .fast_dynamic import mixture_forward
 from .quant.methods import Quantizer, make_activation_quantizer, make_weight_quantizer
-from .routing import RoutePlan, plan_keys, route
+from .routing import RoutePlan, choice_keys, plan_keys, route
 
 Selection = Tensor | tuple[Tensor, Tensor]
 EXECUTIONS = ("fast", "reference")
@@ -260,11 +260,7 @@ class _DynamicMixin(_WeightCache):
         joint = sel_a is sel_w
         plan = self.route_plan
         if plan is None:  # not planned by the model: one key per sample, planned here
-            # The key: the candidate (joint), or the (weight, activation) pair.
-            key = sel_w.argmax(dim=-1)
-            if not joint:
-                key = key * K + sel_a.argmax(dim=-1)
-            plan = plan_keys(key, K if joint else K * K)
+            plan = plan_keys(*choice_keys(sel_w, None if joint else sel_a, K))
 
         def quantize(rows: Tensor, k: int | Tensor, owned: bool) -> Tensor:
             ia = k if joint else k % K  # the activation candidate of key k

@@ -30,6 +30,18 @@ class RoutePlan:
     sorted_key: Tensor  # key[order]
 
 
+def choice_keys(sel_w: Tensor, sel_a: Tensor | None, num_candidates: int) -> tuple[Tensor, int]:
+    """The routing key of one-hot choices over the last dimension, and how many keys there are.
+
+    Joint choice (``sel_a`` is ``None``): the candidate. Separate choices: the (weight,
+    activation) pair, ``w * K + a``.
+    """
+    key = sel_w.argmax(dim=-1)
+    if sel_a is None:
+        return key, num_candidates
+    return key * num_candidates + sel_a.argmax(dim=-1), num_candidates * num_candidates
+
+
 def plan_layers(keys: Tensor, num_keys: int) -> list[RoutePlan]:
     """The plans of all layers from their keys ``[B, L]``, in a few calls for the whole network.
 

@@ -258,8 +258,8 @@ class DynamicQuantModel(QuantModel):
         routes = not torch.is_grad_enabled() and any(m.execution == "fast" for m in layers)
         plans = self._route_plans(sel) if routes else None
         for i, layer in enumerate(layers):
-            layer.selection = (sel[:, i, 0], sel[:, i, 1]) if self.spec.separate else sel[:, i]
-            layer.route_plan = plans[i] if plans else None
+            choice = (sel[:, i, 0], sel[:, i, 1]) if self.spec.separate else sel[:, i]
+            layer.set_selection(choice, plans[i] if plans else None)
         self._pending = (sel, logits)
 
     def _route_plans(self, sel: Tensor) -> list[RoutePlan]:
@@ -296,8 +296,7 @@ class DynamicQuantModel(QuantModel):
             out = self.model(x)
         finally:
             for layer in self.dynamic_modules():
-                layer.selection = None
-                layer.route_plan = None
+                layer.set_selection(None)
         if self._pending is None:
             raise RuntimeError(f"the tap module {self.spec.tap!r} did not run in this forward")
         sel, logits = self._pending

@@ -200,6 +200,14 @@ class _DynamicMixin(_WeightCache):
         self.route_plan: RoutePlan | None = None
         self.execution = execution
 
+    def set_selection(self, selection: Selection | None, plan: RoutePlan | None = None) -> None:
+        """This forward's choice (and, when the model planned it, its routing); ``None`` clears."""
+        # Plain attributes written straight to the instance dict: ``nn.Module.__setattr__``
+        # checks parameters, buffers and modules first, which a model setting and clearing
+        # every layer each forward paid for visibly at batch 1.
+        self.__dict__["selection"] = selection
+        self.__dict__["route_plan"] = plan
+
     def _selection(self) -> tuple[Tensor, Tensor, bool]:
         sel = self.selection
         if sel is None:

@@ -1,6 +1,7 @@
 """The CIFAR-10 reproduction's run plan: every run is a valid config, with the settings the docs state."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,46 @@ def test_ablations_without_pact_stop_before_any_training(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as stop:
         script.main()
     assert stop.value.code == 2 and "include pact in --methods" in capsys.readouterr().err
+
+
+def _ratio_over_time(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # it imports speed.py beside it
+    path = REPO / "benchmarks" / "ratio_over_time.py"
+    spec = importlib.util.spec_from_file_location("ratio_over_time", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "ratio_over_time", module)  # its dataclass looks it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratio_over_time_summary_splits_rounds_at_the_target(monkeypatch):
+    script = _ratio_over_time(monkeypatch)
+    rounds = [
+        script.Round(1.0, 80.0, 90.0, 1.125),
+        script.Round(2.0, 74.0, 89.0, 1.203),
+        script.Round(3.0, 79.0, 89.5, 1.133),
+    ]
+    assert script.summary(rounds, 1.15) == [
+        "ratio: median 1.133, range 1.125-1.203",
+        "rounds <= 1.15 (2 of 3): static 79.5 ms, dynamic 89.8 ms (medians)",
+        "rounds > 1.15 (1 of 3): static 74.0 ms, dynamic 89.0 ms (medians)",
+    ]
+    assert script.summary(rounds, 1.0)[1:] == [
+        "rounds > 1.0 (3 of 3): static 79.0 ms, dynamic 89.5 ms (medians)"
+    ]
+
+
+def test_ratio_over_time_runs_and_plots_on_a_small_model(monkeypatch, tmp_path, capsys):
+    script = _ratio_over_time(monkeypatch)
+    tiny = script.speed.Setup("tiny", lambda: script.speed.iq.models.resnet20(10), 8, 6, False)
+    monkeypatch.setitem(script.speed.SETUPS, "resnet20", tiny)
+    png = tmp_path / "rounds.png"
+    assert script.main(["--rounds", "2", "--repeats", "1", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:5].strip().isdigit()]
+    assert [r[0] for r in rows] == ["1", "2"]
+    for _, _, static_ms, dynamic_ms, ratio in rows:
+        # One repeat a round: the ratio is the round's dynamic/static (the ms are rounded).
+        assert float(static_ms) > 0 and float(dynamic_ms) > 0
+        assert float(ratio) == pytest.approx(float(dynamic_ms) / float(static_ms), abs=0.1)
+    assert "ratio: median" in out and png.stat().st_size > 0

@@ -333,8 +333,9 @@ def without_runs(argv: list[str]) -> list[str]:
 def across_processes(argv: list[str], runs: int) -> None:
     """The benchmark in ``runs`` fresh processes, one after the other; medians over them.
 
-    Timings differ more between processes than between repeats within one (each process has
-    its own memory layout and allocator state), so a single process can land high or low.
+    The machine's state moves the batch-128 ratio between two bands every few seconds
+    (``ratio_over_time.py``; docs/benchmarks.md), so one process, about 20 seconds of timing,
+    can land high or low; fresh processes spread over a longer time.
     """
     per_run: list[list] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-progress", action="store_true")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint (a .pt file or a run folder)")
+    e = sub.add_parser("eval", help="evaluate a checkpoint (a .pt file, or a run folder: its best.pt, else last.pt)")
     e.add_argument("checkpoint")
     e.add_argument("overrides", nargs="*", help="key=value overrides of the stored config")
     e.add_argument("--data", help="dataset name (digits, cifar10, cifar100, imagefolder)")

@@ -273,3 +273,16 @@ def test_static_eval_weight_cache_follows_updates():
         expected = fresh(x)
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, expected, atol=0, rtol=0)
+
+
+def test_bitops_reference_counts_8bit_first_and_last_at_8_bits():
+    """With ``first_last="8bit"`` the static reference is the static model's own cost, so a
+    dynamic model at the reference bits everywhere is exactly on budget."""
+    qs = iq.static(iq.models.resnet20(), "pact", 4, torch.randn(*X32), first_last="8bit")
+    own = sum(i.macs * i.bits[0] ** 2 for i in qs.layers if i.role != "fp")
+    assert qs.static_bitops(4) == own
+    dq = _dq(first_last="8bit", budget=iq.Budget(target_bits=4))
+    with dq.forced_bits([4] * len(dq.dynamic_layers)):
+        dq(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(dq.last.bitops, torch.full((2,), dq.static_bitops(4)))
+    assert float(dq.budget_loss()) == 0.0

@@ -417,6 +417,27 @@ def test_eval_weight_cache_is_invalidated():
         assert layer.quantized_weight(1) is not cached, "train() clears the cache"
 
 
+@pytest.mark.parametrize("update", ["fused_adam", "data_write"])
+def test_eval_weight_cache_survives_updates_without_version_bump(update):
+    """Training in eval mode (frozen batch norms) with an optimizer step or weight write that
+    bumps no version counter: the next evaluation must still see the new weights."""
+    layer = _layer("conv", "pact").eval()
+    x = _input(layer, 6)
+    fresh = lambda k: layer.wq(layer.weight, k).detach()  # noqa: E731
+    with torch.no_grad():
+        first = layer.quantized_weight(1)
+    _run(layer, x, _choices("mixed", 6))  # a training step's forward and backward, eval mode
+    version = layer.weight._version
+    if update == "fused_adam":
+        torch.optim.Adam(layer.parameters(), lr=0.5, fused=True).step()
+    else:
+        layer.weight.data.copy_(torch.randn(layer.weight.shape, generator=_gen(4)))
+    assert layer.weight._version == version, "the update must bypass the version counter"
+    with torch.no_grad():
+        assert not torch.equal(fresh(1), first)
+        torch.testing.assert_close(layer.quantized_weight(1), fresh(1), atol=0, rtol=0)
+
+
 # --------------------------------------------------------------------------- whole models
 
 
@@ -484,6 +505,8 @@ def test_routing_planned_once_per_forward_and_only_when_used(monkeypatch):
     monkeypatch.setattr(convert, "plan_layers", lambda *a: calls.append(1) or real(*a))
     fast = dynamic_resnet20("pact")
     fast(varied_images(4))  # training mode: no plan
+    with torch.no_grad():
+        fast(varied_images(4))  # training mode without gradients (lazy init, DDP sync): none
     assert calls == []
     fast.eval()
     with torch.no_grad():
@@ -504,3 +527,23 @@ def test_plan_layers_matches_per_layer_sorting():
         assert plan.counts == torch.bincount(key, minlength=4).tolist()
         torch.testing.assert_close(plan.order, torch.argsort(key, stable=True), **EXACT)
         torch.testing.assert_close(plan.sorted_key, key[plan.order], **EXACT)
+
+
+@pytest.mark.parametrize("method", ["lqnets", "pact"])
+def test_training_mode_without_grad_matches_reference(method):
+    """A no-grad forward in training mode (lazy initialisation, the DDP set-up pass) updates
+    stateful quantizers as the mixture does: every candidate sees the whole batch."""
+    fast = dynamic_resnet20(method)
+    ref = copy.deepcopy(fast)
+    for layer in ref.dynamic_modules():
+        layer.execution = "reference"
+    x = varied_images(8)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out_f = fast(x)
+        torch.manual_seed(3)
+        out_r = ref(x)
+    assert len(torch.unique(fast.last.bits_w)) > 1, "the batch must be split"
+    torch.testing.assert_close(out_f, out_r, atol=1e-12, rtol=1e-12)
+    for (name, a), b in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=name)

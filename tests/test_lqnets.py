@@ -335,3 +335,23 @@ def test_each_candidate_keeps_its_own_basis_after_conversion():
     for s, b in enumerate((2, 3, 4)):
         assert (layer.wq.basis[s, :, b:] == 0).all() and (layer.wq.basis[s, :, :b] != 0).all()
     assert list(itertools.chain(layer.wq.parameters(), layer.aq.parameters())) == []
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_first_forward_under_inference_mode_leaves_bases_usable(kind):
+    """Lazy basis initialisation inside ``torch.inference_mode()`` must not create inference
+    tensors: evaluation (weight cache) and training afterwards both work."""
+    torch.manual_seed(0)
+    fp, x = iq.models.resnet20(), torch.randn(4, 3, 32, 32)
+    if kind == "static":
+        model = iq.static(fp, method="lqnets", bits=3, example_input=x[:1])
+    else:
+        model = iq.dynamic(fp, iq.DynamicSpec(method="lqnets", bits=(2, 3)), example_input=x[:1])
+    model.eval()
+    with torch.inference_mode():
+        first = model(x)
+    assert not any(b.is_inference() for b in model.buffers())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), first, atol=0, rtol=0)
+    model.train()
+    F.cross_entropy(model(x), torch.arange(4)).backward()  # QEM updates the bases in place

@@ -150,6 +150,7 @@ def _assign_roles(
         for info in {first.name: first, last.name: last}.values():
             info.role = "fp" if first_last == "fp" else "static"
             info.bits = (8,) if first_last == "8bit" else ()
+            info.pinned_bits = 8 if first_last == "8bit" else None
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -255,7 +256,11 @@ class DynamicQuantModel(QuantModel):
             sel = select(logits, self.tau, self.training, self.spec.sample_in_eval)
         layers = self.dynamic_modules()
         # Only layers with fast execution route; a model of reference layers needs no plan.
-        routes = not torch.is_grad_enabled() and any(m.execution == "fast" for m in layers)
+        routes = (
+            not self.training
+            and not torch.is_grad_enabled()
+            and any(m.execution == "fast" and not m.training for m in layers)
+        )
         plans = self._route_plans(sel) if routes else None
         for i, layer in enumerate(layers):
             choice = (sel[:, i, 0], sel[:, i, 1]) if self.spec.separate else sel[:, i]

@@ -34,6 +34,7 @@ class LayerInfo:
     before_tap: bool = False
     role: str = "dynamic"  # "fp", "static" or "dynamic"
     bits: tuple[int, ...] = ()
+    pinned_bits: int | None = None  # fixed whatever the reference (first/last layer at 8 bits)
 
 
 @dataclass
@@ -111,8 +112,15 @@ def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> Pr
 
 
 def bitops_at(layers: list[LayerInfo], bits: float) -> float:
-    """BitOPs of the quantized layers (roles static/dynamic) all at ``bits`` for weights and inputs."""
-    return float(sum(info.macs for info in layers if info.role != "fp") * bits * bits)
+    """BitOPs of the quantized layers (roles static/dynamic) at ``bits`` for weights and inputs,
+    layers with pinned bits (``first_last="8bit"``) at theirs: a static model's own BitOPs."""
+    return float(
+        sum(
+            info.macs * (bits * bits if info.pinned_bits is None else info.pinned_bits**2)
+            for info in layers
+            if info.role != "fp"
+        )
+    )
 
 
 @dataclass

@@ -7,9 +7,9 @@ bit-widths. Before each forward its owner sets ``layer.selection``: a one-hot
 
 - ``reference``: the straight-through mixture of the paper and official code,
   ``y = Σ_k m_k · op(Q^a_k(x), Q^w_k(W))`` (every branch computed).
-- ``fast``: without autograd (evaluation) each sample is routed to its selected
-  branch only, with quantized weights cached per candidate; with autograd
-  (training) on the CPU :func:`~instaquant.fast_dynamic.mixture_forward` gives the
+- ``fast``: in evaluation mode without autograd each sample is routed to its
+  selected branch only, with quantized weights cached per candidate; otherwise
+  (training, or gradients wanted) on the CPU :func:`~instaquant.fast_dynamic.mixture_forward` gives the
   mixture's value and exact gradients with the backward run on each sample's branch
   only, while on a GPU the mixture itself is faster and is used.
 """
@@ -100,7 +100,13 @@ def _own_tensors(module: nn.Module) -> list[Tensor]:
 
 
 class _WeightCache:
-    """Quantized weights per candidate, cached when no gradient is needed (evaluation)."""
+    """Quantized weights per candidate, cached when no gradient is needed (evaluation).
+
+    Entries are keyed on the tensors' version counters, which in-place updates bump. Fused
+    optimizers (``fused=True``) and writes through ``.data`` bump none, so any forward that
+    may train (training mode, or gradients enabled) also drops the cache; after changing
+    weights by such a path outside training, call ``train()`` before evaluating again.
+    """
 
     weight: nn.Parameter
     wq: Quantizer
@@ -108,6 +114,7 @@ class _WeightCache:
     def quantized_weight(self, k: int) -> Tensor:
         """Candidate ``k``'s quantized weight, cached in evaluation mode."""
         if self.training or torch.is_grad_enabled():
+            self.drop_weight_cache()
             return self.wq(self.weight, k)
         cache = self.__dict__.setdefault("_wcache", {})
         # In-place updates (optimizer steps, load_state_dict) bump ``_version``.
@@ -120,11 +127,15 @@ class _WeightCache:
         cache[k] = (key, wq)
         return wq
 
+    def drop_weight_cache(self) -> None:
+        """Forget the cached quantized weights (a forward that may train calls this)."""
+        self.__dict__.pop("_wcache", None)
+
     def train(self, mode: bool = True):  # type: ignore[override]
         # Training invalidates the cache; ``eval()`` keeps it, so a per-batch ``model.eval()``
         # in an evaluation loop does not requantize every weight (updates are caught by version).
         if mode:
-            self.__dict__.pop("_wcache", None)
+            self.drop_weight_cache()
         return super().train(mode)
 
 
@@ -227,7 +238,11 @@ class _DynamicMixin(_WeightCache):
             )
         if self.execution == "reference":
             return self.reference_forward(x, sel_w, sel_a, joint)
-        if self._needs_grad(x, sel_w, sel_a):
+        # Routing gives each quantizer only its candidate's rows, so it serves evaluation only:
+        # in training mode, stateful quantizers (LQ-Nets' lazy init and QEM step) must see the
+        # whole batch for every candidate, as in the mixture, even without gradients.
+        if self.training or self._needs_grad(x, sel_w, sel_a):
+            self.drop_weight_cache()  # the weights may change without a version bump
             if x.device.type != "cpu":
                 # On a GPU the row-split backward measured slower than the mixture: it waits for
                 # the host to learn each layer's split, and its many small kernels leave the

@@ -268,7 +268,9 @@ class LQNetsQuantizer(InitFlags, Quantizer):
         """Initialise every slot at once from the first grouped tensor ``x`` ``[G, M]``."""
         if self.all_initialized():
             return
-        with torch.no_grad():
+        # Outside inference mode even when called in it: a basis created there would be an
+        # inference tensor, which later training updates and version checks cannot use.
+        with torch.no_grad(), torch.inference_mode(False):
             basis = self.basis
             if basis.shape[1] != x.shape[0]:
                 basis = basis.new_zeros(self.num_slots, x.shape[0], basis.shape[2])

@@ -57,6 +57,49 @@ def test_resume_between_epochs_is_exact(tmp_path):
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3]
 
 
+def test_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    """A stop in the middle of an epoch resumes with the same Gumbel noise and the epoch's
+    running statistics, so the run ends exactly where the uninterrupted one does."""
+    from instaquant import engine
+
+    fit(_cfg(tmp_path / "straight", "epochs=2"), progress=False)
+    step = engine._EpochLoop._step
+
+    def step_then_sigterm(self, x, y, i):
+        step(self, x, y, i)
+        if self.epoch == 1 and i == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop stops before step 3
+
+    monkeypatch.setattr(engine._EpochLoop, "_step", step_then_sigterm)
+    with pytest.raises(engine.RunInterruptedError, match="epoch 2, step 3/5"):
+        fit(_cfg(tmp_path / "stopped", "epochs=2"), progress=False)
+    monkeypatch.undo()
+    fit(_cfg(tmp_path / "stopped", "epochs=2"), progress=False, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    _same_state(a["model"], b["model"])
+    for key in ("train_loss", "train_top1", "train_samples", "train_budget_loss", "test_top1"):
+        assert a["metrics"][key] == b["metrics"][key], key
+
+
+def test_torn_last_metrics_row_does_not_block_resume(tmp_path):
+    fit(_cfg(tmp_path / "r", "epochs=2"), progress=False, stop_after_epoch=1)
+    rows = tmp_path / "r" / "metrics.jsonl"
+    whole = rows.read_text()
+    rows.write_text(whole + whole[:40])  # a kill while the next row was appended
+    fit(_cfg(tmp_path / "r", "epochs=2"), progress=False, resume=True)
+    assert [json.loads(r)["epoch"] for r in rows.read_text().splitlines()] == [1, 2]
+
+
+def test_resume_with_another_architecture_names_the_difference(tmp_path):
+    fit(_cfg(tmp_path / "r", "epochs=2"), progress=False, stop_after_epoch=1)
+    with pytest.raises(CheckpointError) as info:
+        fit(_cfg(tmp_path / "r", "epochs=2", "quant.hidden=8"), progress=False, resume=True)
+    message = str(info.value)
+    assert "does not fit the configured model" in message and "controller" in message
+    assert "of another shape" in message and "\n" not in message
+
+
 def _launch(out, *extra):
     cmd = [
         sys.executable,

@@ -23,13 +23,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
     A crash at any point leaves either the old file or the new one, never a torn one.
+    ``obj`` is saved with ``torch.save``; a ``str`` is written as UTF-8 text.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            if isinstance(obj, str):
+                f.write(obj.encode("utf-8"))
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,3 +71,34 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an instaquant checkpoint")
     return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """``model.load_state_dict(state)``, or a one-line error saying which entries differ."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise CheckpointError(
+            f"{source} does not fit the configured model: {_mismatch(model.state_dict(), state)}"
+        ) from None
+
+
+def _mismatch(own: dict[str, Any], state: dict[str, Any]) -> str:
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} entries missing ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({some(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({some(shapes)})")
+    return "; ".join(parts) or "the entries do not load"

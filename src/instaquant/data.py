@@ -158,14 +158,15 @@ class TensorLoader:
     def _prepare(self, images: Tensor, gen: torch.Generator) -> Tensor:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         size = self.info.image_size
-        if self.augment:
-            if size > 64:
-                x = random_resized_crop_flip(x, size, gen)
-            else:
+        if self.augment and size > 64:
+            x = random_resized_crop_flip(x, size, gen)  # crops from the stored images, then resizes
+        else:
+            # Train and test see the same resolution: resize first, then the small-image crop.
+            if x.shape[-2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            if self.augment:
                 flip = self.info.name != "digits"  # a mirrored digit is another symbol
                 x = random_crop_flip(x, max(1, size // 8), flip, gen)
-        elif x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -275,8 +276,7 @@ def load_cifar(name: str, root: str, download: bool) -> tuple[TensorData, Tensor
     return parts[0], parts[1], info
 
 
-def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int]], int]:
-    """Class names, (path, label) pairs and the number of non-image files skipped."""
+def _class_names(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise DataError(f"image folder {str(folder)!r} does not exist")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -284,18 +284,35 @@ def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int]], int]:
         raise DataError(
             f"image folder {str(folder)!r} has no class sub-folders (expected <class>/<image>)"
         )
-    items, skipped = [], 0
+    return classes
+
+
+def _walk(folder: Path, classes: list[str]) -> Iterator[tuple[str, int]]:
+    """Every file under the class folders as (path, label), in a fixed order."""
     for label, cls in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(folder / cls)):
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    items.append((os.path.join(dirpath, f), label))
-                elif not f.startswith("."):
-                    skipped += 1
+                yield os.path.join(dirpath, f), label
+
+
+def _no_images(folder: Path) -> DataError:
+    return DataError(
+        f"image folder {str(folder)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+    )
+
+
+def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int]], int]:
+    """Class names, (path, label) pairs and the number of non-image files skipped."""
+    classes = _class_names(folder)
+    items, skipped = [], 0
+    for path, label in _walk(folder, classes):
+        name = os.path.basename(path)
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            items.append((path, label))
+        elif not name.startswith("."):
+            skipped += 1
     if not items:
-        raise DataError(
-            f"image folder {str(folder)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
-        )
+        raise _no_images(folder)
     return classes, items, skipped
 
 
@@ -317,7 +334,9 @@ def _decode(path: str, size: int) -> Tensor:
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def _decode_all(items: list[tuple[str, int]], size: int, desc: str) -> tuple[TensorData, int]:
+def _decode_all(
+    items: list[tuple[str, int]], size: int, desc: str, progress: bool
+) -> tuple[TensorData, int]:
     """Decode and resize every image once; unreadable files are skipped and counted."""
     from PIL import UnidentifiedImageError
     from tqdm import tqdm
@@ -325,7 +344,10 @@ def _decode_all(items: list[tuple[str, int]], size: int, desc: str) -> tuple[Ten
     images = torch.empty((len(items), 3, size, size), dtype=torch.uint8)
     labels = torch.empty(len(items), dtype=torch.long)
     n, bad = 0, 0
-    for path, label in tqdm(items, desc=desc, unit="img", leave=False, mininterval=1.0):
+    # disable=None: no bar when stderr is not a terminal (logs), as the training bars.
+    disable = None if progress else True
+    bar = tqdm(items, desc=desc, unit="img", leave=False, mininterval=1.0, disable=disable)
+    for path, label in bar:
         try:
             images[n] = _decode(path, size)
         except (OSError, UnidentifiedImageError, ValueError):
@@ -336,13 +358,24 @@ def _decode_all(items: list[tuple[str, int]], size: int, desc: str) -> tuple[Ten
     return TensorData(images[:n].clone(), labels[:n].clone()), bad
 
 
-def _cache_path(cfg: DataConfig, split: Path, size: int, items: list) -> Path:
+def _cache_path(cfg: DataConfig, split: Path, size: int, items: list[tuple[str, int]]) -> Path:
+    """Cache file named by a hash of every file's relative path, label, size and mtime.
+
+    Any added, removed, moved, relabelled or rewritten image gives a new name, so a stale
+    cache is never read (one stat per file).
+    """
     root = Path(cfg.cache_dir or Path.home() / ".cache" / "instaquant")
-    stamp = f"{split.resolve()}|{size}|{len(items)}|{items[0][0]}|{items[-1][0]}|{os.path.getmtime(items[-1][0])}"
-    return root / f"imagefolder-{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.pt"
+    digest = hashlib.sha1(f"{split.resolve()}|{size}".encode())
+    for path, label in items:
+        st = os.stat(path)
+        rel = os.path.relpath(path, split)
+        digest.update(f"\n{rel}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return root / f"imagefolder-{digest.hexdigest()[:16]}.pt"
 
 
-def _load_split(cfg: DataConfig, split: Path, size: int, seed: int) -> tuple[TensorData, list[str]]:
+def _load_split(
+    cfg: DataConfig, split: Path, size: int, seed: int, progress: bool
+) -> tuple[TensorData, list[str]]:
     from .checkpoint import atomic_save
 
     classes, items, skipped = _scan(split)
@@ -360,7 +393,7 @@ def _load_split(cfg: DataConfig, split: Path, size: int, seed: int) -> tuple[Ten
             return TensorData(blob["images"], blob["labels"]), classes
         except Exception:  # a damaged cache is rebuilt, never trusted
             cache.unlink(missing_ok=True)
-    data, bad = _decode_all(items, size, f"decoding {split.name}")
+    data, bad = _decode_all(items, size, f"decoding {split.name}", progress)
     if bad:
         warnings.warn(f"{split}: skipped {bad} unreadable image files", stacklevel=2)
     if len(data) == 0:
@@ -373,6 +406,11 @@ def _load_split(cfg: DataConfig, split: Path, size: int, seed: int) -> tuple[Ten
 
 
 def image_folder_splits(root: Path) -> tuple[Path, Path]:
+    if not root.is_dir():
+        raise DataError(
+            f"data.root {str(root)!r} does not exist (an image folder needs train/ and val/ "
+            "or test/ sub-folders)"
+        )
     train = root / "train"
     for name in ("val", "test"):
         if (root / name).is_dir():
@@ -381,12 +419,24 @@ def image_folder_splits(root: Path) -> tuple[Path, Path]:
 
 
 def _native_size(folder: Path) -> int:
-    """Default image size of a folder: its first image's shorter side when small, else 224."""
-    from PIL import Image
+    """Default image size of a folder: its first image's shorter side when small, else 224.
 
-    _, items, _ = _scan(folder)
-    with Image.open(items[0][0]) as img:
-        side = min(img.size)
+    Only that image's header is read, and only the folders up to it are walked.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    walk = _walk(folder, _class_names(folder))
+    path = next((p for p, _ in walk if p.lower().endswith(IMAGE_EXTENSIONS)), None)
+    if path is None:
+        raise _no_images(folder)
+    try:
+        with Image.open(path) as img:
+            side = min(img.size)
+    except (OSError, UnidentifiedImageError, ValueError):
+        raise DataError(
+            f"cannot read {path!r} to find the image size of {str(folder)!r}; "
+            "set data.image_size or remove the file"
+        ) from None
     return side if side * side <= SMALL_IMAGE_PIXELS else 224
 
 
@@ -396,10 +446,26 @@ def _should_cache(cfg: DataConfig, size: int) -> bool:
     return cfg.cache == "yes"
 
 
+def _folder_info(cfg: DataConfig, classes: list[str], size: int) -> DatasetInfo:
+    """The info of an image folder, shared by build_loaders and describe so they agree."""
+    small = _should_cache(cfg, size) and size <= 32  # decoded CIFAR-sized images
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if small else (IMAGENET_MEAN, IMAGENET_STD)
+    return DatasetInfo("imagefolder", len(classes), 3, size, mean, std, classes)
+
+
 def build_loaders(
-    cfg: DataConfig, seed: int, device: torch.device | str, rank: int = 0, world: int = 1
+    cfg: DataConfig,
+    seed: int,
+    device: torch.device | str,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
 ) -> tuple[TensorLoader | StreamLoader, TensorLoader | StreamLoader, DatasetInfo]:
-    """Train and test loaders for ``cfg`` (``rank``/``world`` shard them for DDP)."""
+    """Train and test loaders for ``cfg`` (``rank``/``world`` shard them for DDP).
+
+    ``progress=False`` hides the bars of a first image-folder decode; with ``True`` they
+    show only when stderr is a terminal.
+    """
     kw = dict(seed=seed, device=device, rank=rank, world=world)
     if cfg.name == "imagefolder":
         root = Path(cfg.root)
@@ -409,19 +475,16 @@ def build_loaders(
             classes, _, _ = _scan(train_dir)
             test_classes, _, _ = _scan(test_dir)
             _check_same_classes(classes, test_classes, train_dir, test_dir)
-            info = DatasetInfo(
-                "imagefolder", len(classes), 3, size, IMAGENET_MEAN, IMAGENET_STD, classes
-            )
+            info = _folder_info(cfg, classes, size)
             return (
                 StreamLoader(train_dir, info, cfg, True, **kw),
                 StreamLoader(test_dir, info, cfg, False, **kw),
                 info,
             )
-        train, classes = _load_split(cfg, train_dir, size, seed=0)
-        test, test_classes = _load_split(cfg, test_dir, size, seed=1)
+        train, classes = _load_split(cfg, train_dir, size, 0, progress)
+        test, test_classes = _load_split(cfg, test_dir, size, 1, progress)
         _check_same_classes(classes, test_classes, train_dir, test_dir)
-        mean, std = (CIFAR_MEAN, CIFAR_STD) if size <= 32 else (IMAGENET_MEAN, IMAGENET_STD)
-        info = DatasetInfo("imagefolder", len(classes), 3, size, mean, std, classes)
+        info = _folder_info(cfg, classes, size)
     else:
         if cfg.name == "digits":
             train, test, info = load_digits()
@@ -449,17 +512,26 @@ def _check_same_classes(a: list[str], b: list[str], da: Path, db: Path) -> None:
         )
 
 
-def describe(cfg: DataConfig) -> DatasetInfo:
-    """The dataset's shape (classes, channels, size) without loading any image."""
+def describe(cfg: DataConfig, absent_classes: int | None = None) -> DatasetInfo:
+    """The dataset's shape (classes, channels, size) as build_loaders gives it, cheaply.
+
+    Named datasets need no file; an image folder's class folders are listed and, without
+    ``data.image_size``, one image header is read for the native size. With
+    ``absent_classes``, a missing ``data.root`` is taken as that many classes at
+    ``data.image_size`` (224 when unset) instead of an error: costing a model needs no data.
+    """
+    if cfg.name == "imagefolder" and absent_classes is not None and not Path(cfg.root).exists():
+        size = cfg.image_size or 224
+        return DatasetInfo("imagefolder", absent_classes, 3, size, IMAGENET_MEAN, IMAGENET_STD, [])
+    if cfg.name == "imagefolder":
+        train_dir, _ = image_folder_splits(Path(cfg.root))
+        classes = _class_names(train_dir)
+        return _folder_info(cfg, classes, cfg.image_size or _native_size(train_dir))
     if cfg.name == "digits":
         info = DatasetInfo("digits", 10, 1, 8, (0.0,), (1.0,), [])
-    elif cfg.name in ("cifar10", "cifar100"):
+    else:
         classes = 10 if cfg.name == "cifar10" else 100
         info = DatasetInfo(cfg.name, classes, 3, 32, CIFAR_MEAN, CIFAR_STD, [])
-    else:
-        train = Path(cfg.root) / "train"
-        n = sum(1 for d in train.iterdir() if d.is_dir()) if train.is_dir() else 1000
-        info = DatasetInfo("imagefolder", n, 3, 224, IMAGENET_MEAN, IMAGENET_STD, [])
     if cfg.image_size:
         info.image_size = cfg.image_size
     return info

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import config as config_mod
 from . import distributed
 from .builder import build_model, resolve_device, signed_plan
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_save, load_checkpoint, load_model_state, save_checkpoint
 from .config import Config, UserError
 from .controller import annealed_tau
 from .convert import DynamicQuantModel, QuantModel
@@ -114,13 +114,23 @@ class _Writer:
             self.tb.flush()
 
     def truncate(self, epochs_done: int) -> None:
-        """Drop rows of epochs after the checkpoint (a kill between row and checkpoint)."""
+        """Drop rows of epochs after the checkpoint (a kill between row and checkpoint), and
+        a last row torn by a kill or a full disk while it was appended."""
         if not self.path.exists():
             return
         rows = [r for r in self.path.read_text().splitlines() if r.strip()]
-        keep = [r for r in rows if json.loads(r).get("epoch", 0) <= epochs_done]
+        keep = []
+        for n, row in enumerate(rows, 1):
+            try:
+                epoch = json.loads(row).get("epoch", 0)
+            except json.JSONDecodeError:
+                if n == len(rows):
+                    break  # torn while appended: the checkpoint never counted it
+                raise UserError(f"{str(self.path)!r} line {n} is not a JSON row") from None
+            if epoch <= epochs_done:
+                keep.append(row)
         if len(keep) != len(rows):
-            self.path.write_text("".join(r + "\n" for r in keep))
+            atomic_save("".join(r + "\n" for r in keep), self.path)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -191,7 +201,7 @@ def _summary_entry(
 
 
 def write_summary(path: Path, runs: list[dict]) -> None:
-    path.write_text(json.dumps({"runs": runs, "bitops_convention": BITOPS_CONVENTION}, indent=2))
+    atomic_save(json.dumps({"runs": runs, "bitops_convention": BITOPS_CONVENTION}, indent=2), path)
 
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -268,14 +278,18 @@ def _train(
         _prepare_run_dir(out, resume, overwrite)
     ctx.barrier()
     train_loader, test_loader, info = build_loaders(
-        cfg.data, cfg.seed, ctx.device, ctx.rank, ctx.world
+        cfg.data, cfg.seed, ctx.device, ctx.rank, ctx.world, progress=progress
     )
     state = load_checkpoint(last_path) if resume and last_path.exists() else None
     if resume and state is None and ctx.is_main:
         tqdm.write(f"no checkpoint in {str(out)!r} to resume from: starting the run")
     if state is not None:
         model = build_model(cfg, info, ctx.device, signed=state.get("signed"), load_init=False)
-        model.load_state_dict(state["model"])
+        load_model_state(
+            model,
+            state["model"],
+            f"{str(last_path)!r} (resume with the run's own settings: its config.yaml)",
+        )
     else:
         model = build_model(cfg, info, ctx.device)
     if ctx.is_main:
@@ -292,6 +306,7 @@ def _train(
     opt = make_optimizer(model, cfg)
     start_epoch, skip_steps, best, wall = 0, 0, -1.0, 0.0
     metrics: dict[str, Any] = {}
+    mid_epoch: dict[str, Any] | None = None  # random state and running sums of a stopped epoch
     if state is not None:
         # Momentum buffers come from the checkpoint, learning rates from this config.
         configured = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
@@ -300,15 +315,22 @@ def _train(
             g["base_lr"], g["weight_decay"] = base_lr, wd
         start_epoch, skip_steps = state["epoch"], state.get("step", 0)
         best, wall, metrics = state["best_top1"], state.get("wall_s", 0.0), dict(state["metrics"])
+        mid_epoch = state.get("mid_epoch") if skip_steps else None
     writer = _Writer(out, enabled=ctx.is_main)
     if ctx.is_main:
         writer.truncate(start_epoch)
 
-    def checkpoint(epoch: int, step: int, result_metrics: dict[str, Any] | None) -> None:
+    def checkpoint(
+        epoch: int,
+        step: int,
+        result_metrics: dict[str, Any] | None,
+        mid_epoch: dict[str, Any] | None = None,
+    ) -> None:
         nonlocal best
         if not ctx.is_main:
             return
         fields = dict(
+            mid_epoch=mid_epoch,
             config=cfg.to_dict(),
             recipe=cfg.recipe,
             model=model.state_dict(),
@@ -337,16 +359,16 @@ def _train(
                     annealed_tau(cfg.quant.tau, cfg.quant.tau_final, progress_frac)
                 )
             loop = _EpochLoop(net, model, opt, cfg, ctx, epoch, steps, progress, stop)
-            train_stats = loop.run(train_loader, skip_steps)
+            train_stats = loop.run(train_loader, skip_steps, mid_epoch)
             wall += time.time() - t0
             if loop.stopped_at is not None:
-                checkpoint(epoch, loop.stopped_at, None)
+                checkpoint(epoch, loop.stopped_at, None, loop.mid_epoch_state())
                 raise RunInterruptedError(
                     f"{stop.received}: saved a resumable checkpoint at epoch {epoch + 1}, "
                     f"step {loop.stopped_at}/{steps} in {str(last_path)!r}; "
                     "continue with --resume"
                 )
-            skip_steps = 0
+            skip_steps, mid_epoch = 0, None
             ctx.broadcast_buffers(model)
             result = evaluate(model, test_loader, cfg.ref_bits, ctx=ctx)
             metrics = {
@@ -404,7 +426,14 @@ class _EpochLoop:
         # n, loss, correct, budget, bitops_rel, bits: summed over samples, reduced over ranks.
         self.sums = torch.zeros(6, dtype=torch.float64)
 
-    def run(self, loader: Iterable[tuple[Tensor, Tensor]], skip: int) -> dict[str, float]:
+    def run(
+        self,
+        loader: Iterable[tuple[Tensor, Tensor]],
+        skip: int,
+        mid_epoch: dict[str, Any] | None = None,
+    ) -> dict[str, float]:
+        """Train on ``loader``'s batches after the first ``skip``; ``mid_epoch`` (from
+        :meth:`mid_epoch_state` of the stopped run) restores where that run stood."""
         self.net.train()
         cfg, lr = self.cfg, 0.0
         bar = tqdm(
@@ -417,6 +446,8 @@ class _EpochLoop:
         for i, (x, y) in enumerate(bar):
             if i < skip:  # resuming mid-epoch: the batch order is replayed, the work is not
                 continue
+            if i == skip and mid_epoch is not None:
+                self._restore(mid_epoch)
             if self.stop.received:
                 self.stopped_at = i
                 break
@@ -426,6 +457,23 @@ class _EpochLoop:
                 bar.set_postfix(self._postfix())
         bar.close()
         return self._stats(lr)
+
+    def mid_epoch_state(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this stopped epoch exactly: the random state
+        (Gumbel noise, dropout) and the running sums of the epoch's training statistics."""
+        state: dict[str, Any] = {"rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if not self.ctx.enabled:  # under DDP each rank holds its own share of the sums
+            state["sums"] = self.sums.clone()
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if "sums" in state and not self.ctx.enabled:
+            self.sums.copy_(state["sums"])
 
     def _step(self, x: Tensor, y: Tensor, i: int) -> None:
         logits = self.net(x)

@@ -1,6 +1,7 @@
 """Training recipes, checkpoints, evaluation and the command line, on tiny runs."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,31 @@ def test_demo_config_file_matches_the_demo():
     in_code = C.from_dict(digits_dq_dict(Path("runs/demo")))
     in_file = C.load(ROOT / "configs/digits_demo.yaml")
     assert in_file == in_code
+
+
+def test_demo_resume_keeps_finished_runs_and_trains_the_rest(tmp_path, monkeypatch):
+    from instaquant import demo
+
+    full = demo.demo_configs
+
+    def shrunk(out):
+        cfgs = full(out)
+        for cfg in cfgs:
+            cfg.epochs, cfg.data.limit = 1, 64
+        return cfgs
+
+    monkeypatch.setattr(demo, "demo_configs", shrunk)
+    out = tmp_path / "demo"
+    first = demo.run_demo(out, progress=False)
+    kept = {
+        p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/last.pt") if p.parent.name != "dq"
+    }
+    shutil.rmtree(out / "dq")  # as if stopped before the DQ run
+    again = demo.run_demo(out, progress=False, resume=True)
+    assert {
+        p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/last.pt") if p.parent.name != "dq"
+    } == kept
+    assert (out / "dq" / "last.pt").is_file()
+    assert [r["name"] for r in again["runs"]] == [r["name"] for r in first["runs"]]
+    for a, b in zip(first["runs"][:-1], again["runs"][:-1], strict=True):
+        assert a["top1"] == b["top1"] and a["name"] == b["name"]

@@ -17,11 +17,24 @@ from .data import DatasetInfo, build_loaders
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of ``device=``; a malformed or absent device is a one-line UserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
+    allowed = "allowed: auto, cpu, cuda, cuda:N (N a device index), mps"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"config key 'device': {name!r} is not a device; {allowed}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(
+                f"device {name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r} asked for but MPS is not available; use device=cpu")
     return device
 
 

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .config import UserError
 
 
-def _parser() -> argparse.ArgumentParser:
+def _epoch_number(text: str) -> int:
+    """An epoch number for --stop-after-epoch: 0 or less would stop nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an epoch number >= 1, got {text!r}")
+    return value
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top parser and each command's own parser (see :func:`_parse`)."""
     p = argparse.ArgumentParser(
         prog="instaquant", description="Instance-aware dynamic quantization"
     )
@@ -18,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="full precision, static and DQ on the embedded digits")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted demo in --out (finished runs are kept)",
+    )
     d.add_argument("--no-progress", action="store_true")
 
     t = sub.add_parser("train", help="train a config")
@@ -26,13 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the run's last.pt")
     t.add_argument(
         "--stop-after-epoch",
-        type=int,
+        type=_epoch_number,
         metavar="N",
         help="stop after epoch N with a resumable checkpoint (time-sliced jobs)",
     )
     t.add_argument("--no-progress", action="store_true")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint (a .pt file, or a run folder: its best.pt, else last.pt)")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (a .pt file, or a run folder: its best.pt, else last.pt)",
+    )
     e.add_argument("checkpoint")
     e.add_argument("overrides", nargs="*", help="key=value overrides of the stored config")
     e.add_argument("--data", help="dataset name (digits, cifar10, cifar100, imagefolder)")
@@ -54,14 +75,45 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("cost", help="per-layer MACs / BitOPs table of a config")
     k.add_argument("-c", "--config", required=True)
     k.add_argument("overrides", nargs="*")
-    return p
+    return p, sub.choices
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with key=value overrides (and run folders) allowed among the options.
+
+    argparse cannot intermix positionals and options under subparsers, so the top parser
+    only finds the command, and the command's own parser reads the rest intermixed.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, commands = _parser()
+    command = parser.parse_known_args(argv)[0].command
+    args = commands[command].parse_intermixed_args(argv[argv.index(command) + 1 :])
+    args.command = command
+    return args
+
+
+def _make_dir(path: Path, what: str) -> None:
+    """Create an output folder up front, so that a path that cannot be one fails in one line
+    before any work is done."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {str(path)!r}: {str(existing)!r} is a file; give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"{what} {str(path)!r} cannot be created ({err.strerror}); give a writable folder path"
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{what} {str(path)!r} is not writable; give a writable folder path")
 
 
 def _train(args: argparse.Namespace) -> None:
     from . import config as config_mod
-    from .engine import fit
+    from .engine import fit, run_dir
 
     cfg = config_mod.load(args.config, args.overrides)
+    _make_dir(run_dir(cfg), "run folder (out=)")
     entry = fit(
         cfg,
         resume=args.resume,
@@ -113,8 +165,29 @@ def _flat(row: list, k: int) -> list[float]:
     return row
 
 
+def _summary_runs(path: Path) -> list[dict]:
+    """The run entries of a summary.json, with the keys the table and the plot read."""
+    needed = ("name", "recipe", "method", "bits", "top1")
+    hint = "give a run folder or the summary.json that train or demo wrote"
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{str(path)!r} is not valid JSON ({err}); {hint}") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not runs:
+        raise UserError(f"{str(path)!r} holds no list of runs under 'runs'; {hint}")
+    for i, run in enumerate(runs):
+        missing = [k for k in needed if not isinstance(run, dict) or k not in run]
+        if missing:
+            raise UserError(
+                f"{str(path)!r}: run {i} lacks {', '.join(missing)}; "
+                f"each run needs {', '.join(needed)}"
+            )
+    return runs
+
+
 def _compare(args: argparse.Namespace) -> None:
-    from .demo import format_table
+    from .demo import common_reference, format_table
     from .report import plot_accuracy_vs_bitops
 
     runs = []
@@ -123,9 +196,17 @@ def _compare(args: argparse.Namespace) -> None:
         path = path / "summary.json" if path.is_dir() else path
         if not path.is_file():
             raise UserError(f"no summary.json at {str(path)!r} (is the run finished?)")
-        runs.extend(json.loads(path.read_text())["runs"])
+        runs.extend(_summary_runs(path))
+    _make_dir(Path(args.plot).parent, "--plot folder")
     print(format_table(runs))
-    print(f"wrote {plot_accuracy_vs_bitops(runs, args.plot)}")
+    try:
+        plot = plot_accuracy_vs_bitops(common_reference(runs)[0], args.plot)
+    except OSError as err:
+        raise UserError(
+            f"cannot write the plot {args.plot!r} ({err.strerror}); "
+            "give --plot a .png path in a writable folder"
+        ) from None
+    print(f"wrote {plot}")
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -147,7 +228,13 @@ def _cost(args: argparse.Namespace) -> None:
     from .data import describe
 
     cfg = config_mod.load(args.config, args.overrides)
-    info = describe(cfg.data)
+    # Costing needs no data: an absent image folder is taken as ImageNet's 1000 classes.
+    info = describe(cfg.data, absent_classes=1000)
+    if cfg.data.name == "imagefolder" and not Path(cfg.data.root).exists():
+        print(
+            f"note: data.root {cfg.data.root!r} is absent: costed at {info.image_size} px "
+            "with 1000 classes"
+        )
     model = build_model(cfg, info, torch.device("cpu"), load_init=False)
     prof = profile(model, example_input(info))
     print(prof.to_table())
@@ -159,12 +246,13 @@ def _cost(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .engine import RunInterruptedError
 
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         if args.command == "demo":
             from .demo import run_demo
 
-            run_demo(args.out, progress=not args.no_progress)
+            _make_dir(Path(args.out), "--out folder")
+            run_demo(args.out, progress=not args.no_progress, resume=args.resume)
         else:
             commands = {
                 "train": _train,

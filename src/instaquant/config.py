@@ -20,6 +20,8 @@ from .cost import BUDGET_KINDS
 RECIPES = ("fp", "static", "dynamic")
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+# String keys documented as yes | no, which YAML 1.1 reads (unquoted) as booleans.
+YES_NO_KEYS = ("data.cache",)
 
 
 class UserError(Exception):
@@ -164,6 +166,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool) and key in YES_NO_KEYS:
+            return "yes" if value else "no"
         if not isinstance(value, str):
             raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
         return value
@@ -279,6 +283,16 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "eval_batch_size"):
         if getattr(cfg.data, key) < 1:
             raise ConfigError(f"config key 'data.{key}' must be >= 1")
+    if cfg.data.image_size is not None and cfg.data.image_size < 1:
+        raise ConfigError(
+            f"config key 'data.image_size': {cfg.data.image_size} must be >= 1 "
+            "(or null for the dataset's own size)"
+        )
+    if cfg.data.workers < 0:
+        raise ConfigError(
+            f"config key 'data.workers': {cfg.data.workers} must be >= 0 "
+            "(0 loads in the main process)"
+        )
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr': {cfg.optim.lr} must be > 0")
     if cfg.reference_bits is not None and not 1 <= cfg.reference_bits <= 8:

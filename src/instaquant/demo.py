@@ -66,8 +66,49 @@ def digits_dq_dict(out: Path) -> dict[str, Any]:
     }
 
 
+def common_reference(runs: list[dict]) -> tuple[list[dict], str]:
+    """Copies of ``runs`` whose ``bitops_rel`` all count against one reference, and a line
+    naming it.
+
+    Each run's ``bitops_rel`` is relative to its own static model at its own
+    ``reference_bits``, so runs of different references cannot share a column or an axis
+    as written. The first quantized run's reference BitOPs (``bitops_mean / bitops_rel``)
+    becomes every run's; a run without absolute BitOPs keeps its ratio only when its
+    reference bit-width is the same.
+    """
+    base = next((r for r in runs if r["recipe"] != "fp" and r.get("bitops_rel")), None)
+    if base is None:
+        return runs, "No quantized runs: BitOPs apply to quantized models only."
+    ref_bits = base.get("reference_bits")
+    ref_bitops = base["bitops_mean"] / base["bitops_rel"] if base.get("bitops_mean") else None
+    out, dropped = [], []
+    for r in runs:
+        r = dict(r)
+        if r["recipe"] != "fp" and r.get("bitops_rel") is not None:
+            if ref_bitops and r.get("bitops_mean") is not None:
+                r["bitops_rel"] = r["bitops_mean"] / ref_bitops
+            elif r.get("reference_bits") != ref_bits:
+                r["bitops_rel"] = None
+                dropped.append(r["name"])
+            r["reference_bits"] = ref_bits
+        out.append(r)
+    shared = {r.get("reference_bits") for r in runs if r["recipe"] != "fp"} == {ref_bits}
+    line = f"BitOPs relative to the static {ref_bits}-bit model"
+    if shared:
+        line += "."
+    else:
+        line += " of the first quantized run"
+        line += f" ({base['name']!r}, {ref_bitops:.4g} BitOPs per image)." if ref_bitops else "."
+    if dropped:
+        line += (
+            f" Not shown for {', '.join(map(repr, dropped))}: another reference bit-width"
+            " and no absolute BitOPs in the summary to convert."
+        )
+    return out, line
+
+
 def format_table(runs: list[dict]) -> str:
-    ref = next((r["reference_bits"] for r in runs if r.get("reference_bits")), None)
+    runs, reference = common_reference(runs)
     w = max(10, *(len(r["name"]) for r in runs))
     head = f"{'run':<{w}} {'recipe':<8} {'bits':<7} {'top1 %':>7} {'mean bits':>9} {'BitOPs':>8}  spread"
     lines = [head, "-" * (len(head) + 30)]
@@ -86,7 +127,7 @@ def format_table(runs: list[dict]) -> str:
         lines.append(
             f"{r['name']:<{w}} {r['recipe']:<8} {bits:<7} {r['top1']:>7.2f} {mb:>9} {rel:>8}  {spread}"
         )
-    lines.append(f"BitOPs relative to the static {ref}-bit model.")
+    lines.append(reference)
     for r in runs:
         if r.get("controller_overhead") is not None:
             lines.append(
@@ -105,9 +146,14 @@ def _candidate_shares(fraction: list) -> list[float]:
     return t.reshape(-1, t.shape[-1]).mean(0).tolist()
 
 
-def run_demo(out: str | Path = "runs/demo", progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo", progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Train every demo run into ``out``, write ``summary.json`` and the plot there, and the
-    DQ run's report (``dq/report/``, difficulty from the demo's full-precision run)."""
+    DQ run's report (``dq/report/``, difficulty from the demo's full-precision run).
+
+    Without ``resume`` every run starts afresh; with it, finished runs are kept and an
+    interrupted one continues from its ``last.pt``."""
     out = Path(out)
     t0 = time.time()
     entries = []
@@ -117,11 +163,11 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True) -> dict[str, 
             + ("" if cfg.recipe == "fp" else f" {cfg.quant.method} bits {cfg.quant.bits}"),
             flush=True,
         )
-        entries.append(fit(cfg, progress=progress, overwrite=True))
+        entries.append(fit(cfg, resume=resume, progress=progress, overwrite=not resume))
     summary_path = out / "summary.json"
     write_summary(summary_path, entries)
     plot = plot_accuracy_vs_bitops(
-        entries, out / "accuracy_vs_bitops.png", "instaquant demo: 8x8 digits"
+        common_reference(entries)[0], out / "accuracy_vs_bitops.png", "instaquant demo: 8x8 digits"
     )
     print()
     print(format_table(entries))

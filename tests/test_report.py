@@ -238,3 +238,21 @@ def test_demo_writes_the_dq_report(runs, tmp_path, monkeypatch, capsys):
     assert html.is_file() and str(html) in capsys.readouterr().out
     data = json.loads((tmp_path / "dq" / "report" / "report.json").read_text())
     assert data["fp_run"] == str(tmp_path / "fp" / "last.pt")
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_analysis_evaluations_follow_the_progress_flag(runs, monkeypatch, progress):
+    """Both evaluations of a report (the run, then the FP run) get a bar unless told not to."""
+    from instaquant import analysis, evaluation
+
+    seen = []
+    real = evaluation.tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        seen.append(kwargs.get("disable"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "tqdm", recording_tqdm)
+    out, _ = runs
+    analysis.analyze(out / "dq", out / "fp", progress=progress)
+    assert seen == ([None, None] if progress else [True, True])

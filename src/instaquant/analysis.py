@@ -217,14 +217,16 @@ def _entropy_hook(store: list[Tensor]):
     return hook
 
 
-def _evaluate_with_entropy(model: nn.Module, loader: Any, ref_bits: int) -> tuple[Any, Tensor]:
+def _evaluate_with_entropy(
+    model: nn.Module, loader: Any, ref_bits: int, progress: bool
+) -> tuple[Any, Tensor]:
     from .evaluation import evaluate
 
     # A hook on the top module sees the logits of exactly the batches evaluate() scores.
     entropies: list[Tensor] = []
     handle = model.register_forward_hook(_entropy_hook(entropies))
     try:
-        result = evaluate(model, loader, ref_bits, per_sample=True)
+        result = evaluate(model, loader, ref_bits, per_sample=True, progress=progress)
     finally:
         handle.remove()
     return result, torch.cat(entropies)
@@ -246,10 +248,12 @@ def analyze(
     fp_run: str | Path | None = None,
     checkpoint: str = "last",
     overrides: list[str] | None = None,
+    progress: bool = True,
 ) -> Analysis:
     """Evaluate a static or dynamic run's checkpoint per sample (and the FP run on the same data).
 
-    ``overrides`` are ``key=value`` changes to the stored config (e.g. ``device=cpu``).
+    ``overrides`` are ``key=value`` changes to the stored config (e.g. ``device=cpu``);
+    ``progress`` shows a bar per evaluation (when stderr is a terminal).
     """
     from .builder import load_for_eval
     from .evaluation import evaluate
@@ -268,7 +272,7 @@ def analyze(
         fp_cfg, fp_model, _ = load_for_eval(fp_path, overrides)
         _check_fp_compatible(cfg, fp_cfg, fp_path)
     loader, info = extra["test_loader"], extra["info"]
-    result, entropy = _evaluate_with_entropy(model, loader, cfg.ref_bits)
+    result, entropy = _evaluate_with_entropy(model, loader, cfg.ref_bits, progress)
     ps = result.per_sample
     if isinstance(model, DynamicQuantModel):
         layers = model.dynamic_layers
@@ -307,7 +311,7 @@ def analyze(
     if fp_model is not None:
         # The FP model sees the quantized run's own test loader: same images, same order.
         fp_model.to(getattr(loader, "device", "cpu"))
-        fp_ps = evaluate(fp_model, loader, cfg.ref_bits, per_sample=True)
+        fp_ps = evaluate(fp_model, loader, cfg.ref_bits, per_sample=True, progress=progress)
         fp = fp_ps.per_sample
         a.fp_run, a.fp_loss, a.fp_confidence, a.fp_pred = (
             str(fp_path),

@@ -171,7 +171,7 @@ def run_demo(
     )
     print()
     print(format_table(entries))
-    report = write_report(out / "dq", fp_run=out / "fp")
+    report = write_report(out / "dq", fp_run=out / "fp", progress=progress)
     print(f"\nwall time {time.time() - t0:.0f} s; wrote {summary_path} and {plot}")
     print(f"DQ {report_headline(report)}")
     return json.loads(summary_path.read_text())

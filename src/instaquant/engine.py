@@ -370,7 +370,7 @@ def _train(
                 )
             skip_steps, mid_epoch = 0, None
             ctx.broadcast_buffers(model)
-            result = evaluate(model, test_loader, cfg.ref_bits, ctx=ctx)
+            result = evaluate(model, test_loader, cfg.ref_bits, ctx=ctx, progress=progress)
             metrics = {
                 "epoch": epoch + 1,
                 **train_stats,

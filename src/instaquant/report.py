@@ -414,6 +414,7 @@ def write_report(
     checkpoint: str = "last",
     overrides: list[str] | None = None,
     gallery_size: int = 8,
+    progress: bool = True,
 ) -> dict[str, Path]:
     """Analyse a static or dynamic run and write ``report/`` inside its folder.
 
@@ -427,7 +428,7 @@ def write_report(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {str(run_dir)!r} not found")
-    a = analyze(run_dir, fp_run, checkpoint, overrides)
+    a = analyze(run_dir, fp_run, checkpoint, overrides, progress)
     out = run_dir / "report"
     if out.exists():
         shutil.rmtree(out)  # a stale plot from an earlier report must not survive

@@ -82,6 +82,23 @@ def test_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
         assert a["metrics"][key] == b["metrics"][key], key
 
 
+def test_second_stop_signal_interrupts_at_once(capsys):
+    """The first signal only sets the flag the training loop checks; work that checks none
+    (an image-folder decode) is left by sending it again."""
+    from instaquant import engine
+
+    previous = signal.getsignal(signal.SIGINT)
+    with engine._StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.received == "SIGINT"
+        assert "send it again to stop at once" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt, match="second stop signal"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
 def test_torn_last_metrics_row_does_not_block_resume(tmp_path):
     fit(_cfg(tmp_path / "r", "epochs=2"), progress=False, stop_after_epoch=1)
     rows = tmp_path / "r" / "metrics.jsonl"

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"instaquant: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("instaquant: interrupted", file=sys.stderr)
+        print("instaquant: interrupted; checkpoints on disk are intact", file=sys.stderr)
         return 130
     return 0
 

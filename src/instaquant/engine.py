@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -142,7 +143,11 @@ class RunInterruptedError(UserError):
 
 
 class _StopSignals:
-    """Turns SIGTERM/SIGINT into a flag the training loop checks between steps."""
+    """Turns SIGTERM/SIGINT into a flag the training loop checks between steps.
+
+    A second signal raises ``KeyboardInterrupt`` at once: the way out of work that checks no
+    flag (decoding an image folder), with the checkpoint on disk intact (atomic writes).
+    """
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -155,7 +160,15 @@ class _StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second stop signal ({name})")
+        self.received = name
+        tqdm.write(
+            f"{name}: stopping at the next training step with a resumable checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+        )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

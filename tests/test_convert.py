@@ -286,3 +286,64 @@ def test_bitops_reference_counts_8bit_first_and_last_at_8_bits():
         dq(torch.randn(2, 3, 32, 32))
     torch.testing.assert_close(dq.last.bitops, torch.full((2,), dq.static_bitops(4)))
     assert float(dq.budget_loss()) == 0.0
+
+
+def test_exclude_wins_over_8bit_first_and_last():
+    model = _dq(first_last="8bit", exclude=("conv1", "fc"))
+    roles = {i.name: (i.role, i.bits) for i in model.layers}
+    assert roles["conv1"] == ("fp", ()) and roles["fc"] == ("fp", ())
+    assert type(model.model.conv1) is torch.nn.Conv2d and type(model.model.fc) is torch.nn.Linear
+
+
+def test_tap_that_runs_twice_is_refused():
+    fp = iq.models.get("resnet18", num_classes=10)  # torchvision's BasicBlock calls relu twice
+    spec = iq.DynamicSpec(method="pact", bits=(3, 4, 5), tap="layer1.0.relu")
+    with pytest.raises(ValueError, match="'layer1.0.relu' runs more than once in a forward"):
+        iq.dynamic(fp, spec, example_input=torch.randn(1, 3, 32, 32))
+
+
+class _Aliased(torch.nn.Module):
+    """A conv kept under two attribute names; the forward calls the second one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.body = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.alias = self.body
+        self.stage = torch.nn.Sequential(torch.nn.ReLU())
+        self.tap_alias = self.stage
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.tap_alias(self.stem(x))
+        return self.head(self.alias(x).mean((2, 3)))
+
+
+def test_layer_under_two_names_is_quantized_under_both():
+    spec = iq.DynamicSpec(method="pact", bits=(2, 8), tap="tap_alias")  # the tap by its alias
+    model = iq.dynamic(_Aliased(), spec, example_input=torch.randn(1, 3, 8, 8))
+    assert model.model.alias is model.model.body
+    assert isinstance(model.model.alias, DynamicQConv2d)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), model.forced_bits([2]):
+        low = model(x)
+    with torch.no_grad(), model.forced_bits([8]):
+        high = model(x)
+    assert not torch.equal(low, high), "the layer the forward calls follows the chosen bits"
+
+
+class _Standardized(torch.nn.Conv2d):
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / 2
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_conv_subclass_with_its_own_forward_is_refused_unless_excluded():
+    fp = iq.models.resnet20()
+    fp.layer2[0].conv1 = _Standardized(16, 32, 3, stride=2, padding=1, bias=False)
+    with pytest.raises(ValueError, match=r"'layer2.0.conv1' is a _Standardized, a Conv2d with"):
+        iq.dynamic(fp, iq.DynamicSpec(method="pact", bits=(3, 4)), torch.randn(*X32))
+    spec = iq.DynamicSpec(method="pact", bits=(3, 4), exclude=("layer2.0.conv1",))
+    model = iq.dynamic(fp, spec, torch.randn(*X32))
+    assert type(model.model.layer2[0].conv1) is _Standardized

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import instaquant as iq
+from instaquant.config import UserError
 from instaquant.cost import probe
 
 
@@ -104,7 +105,8 @@ def test_registry_and_pretrained_offline_error(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="could not fetch torchvision's pretrained resnet18"):
+    # A user error (one line from the CLI, exit 2), not a traceback.
+    with pytest.raises(UserError, match="could not fetch torchvision's pretrained resnet18"):
         iq.models.get("resnet18", pretrained=True)
 
 

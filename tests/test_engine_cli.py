@@ -221,3 +221,19 @@ def test_demo_resume_keeps_finished_runs_and_trains_the_rest(tmp_path, monkeypat
     assert [r["name"] for r in again["runs"]] == [r["name"] for r in first["runs"]]
     for a, b in zip(first["runs"][:-1], again["runs"][:-1], strict=True):
         assert a["top1"] == b["top1"] and a["name"] == b["name"]
+
+
+def test_evaluation_reload_keeps_the_annealed_temperature(tmp_path):
+    """``tau`` is no tensor of the state dict: a reloaded run must sample (``sample_in_eval``)
+    at the temperature its training ended with, not the starting one."""
+    from instaquant.engine import train_model
+
+    extra = ["recipe=dynamic", "quant.bits=[2, 3, 4]", "quant.tau=1.0", "quant.tau_final=0.2"]
+    cfg = _cfg(tmp_path, "dq", "epochs=3", "quant.sample_in_eval=true", *extra)
+    _, trained = train_model(cfg, progress=False)
+    assert trained.tau == pytest.approx(0.2)
+    _, reloaded, _ = load_for_eval(tmp_path / "dq" / "last.pt")
+    assert reloaded.tau == pytest.approx(0.2)
+    fit(_cfg(tmp_path, "stopped", "epochs=3", *extra), progress=False, stop_after_epoch=2)
+    _, halfway, _ = load_for_eval(tmp_path / "stopped" / "last.pt")
+    assert halfway.tau == pytest.approx(0.2**0.5)  # epoch 2 of 3: halfway, exponentially

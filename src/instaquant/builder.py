@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from . import config as config_mod
 from . import models
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import Config, UserError
-from .convert import DynamicSpec, QuantModel, dynamic, static
+from .controller import annealed_tau
+from .convert import DynamicQuantModel, DynamicSpec, QuantModel, dynamic, static
 from .cost import Budget
 from .data import DatasetInfo, build_loaders
 
@@ -82,11 +83,7 @@ def _load_init(fp: nn.Module, cfg: Config) -> None:
             f"model.init {cfg.model.init!r} holds a {src!r} model but this run builds "
             f"{cfg.model.name!r}"
         )
-    try:
-        fp.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"model.init {cfg.model.init!r} does not fit: {first}") from None
+    load_model_state(fp, ckpt["model"], f"model.init {cfg.model.init!r}")
 
 
 def build_model(
@@ -149,11 +146,19 @@ def load_for_eval(
     device = resolve_device(cfg.device)
     _, test_loader, info = build_loaders(cfg.data, cfg.seed, device)
     model = build_model(cfg, info, device, signed=ckpt.get("signed"), load_init=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not fit the model it describes: {first}"
-        ) from None
+    load_model_state(model, ckpt["model"], f"checkpoint {str(path)!r}")
+    if isinstance(model, DynamicQuantModel):
+        # The temperature is not a tensor of the state: set it as training last left it.
+        trained = ckpt.get("epoch", 0) if ckpt.get("step", 0) else ckpt.get("epoch", 0) - 1
+        tau = epoch_temperature(cfg, max(trained, 0))
+        if tau is not None:
+            model.set_temperature(tau)
     return cfg, model, {"ckpt": ckpt, "test_loader": test_loader, "info": info}
+
+
+def epoch_temperature(cfg: Config, epoch: int) -> float | None:
+    """The annealed controller temperature of (0-based) ``epoch``, or ``None`` without
+    annealing (``quant.tau_final`` unset)."""
+    if cfg.quant.tau_final is None:
+        return None
+    return annealed_tau(cfg.quant.tau, cfg.quant.tau_final, epoch / max(cfg.epochs - 1, 1))

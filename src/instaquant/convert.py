@@ -123,7 +123,7 @@ class ForwardRecord:
 
 
 def default_tap(model: nn.Module) -> str:
-    names = dict(model.named_modules())
+    names = {n for n, _ in model.named_modules(remove_duplicate=False)}
     for candidate in ("layer1", "features.3"):
         if candidate in names:
             return candidate
@@ -142,8 +142,6 @@ def _assign_roles(
     """Mark layers fp / static / dynamic (dynamic ones are those after the tap)."""
     for info in layers:
         info.role = "static" if info.before_tap else "dynamic"
-        if any(fnmatch.fnmatch(info.name, pat) for pat in exclude):
-            info.role = "fp"
     if first_last != "quantize" and layers:
         first = next((i for i in layers if i.op == "conv"), layers[0])
         last = layers[-1]
@@ -151,6 +149,9 @@ def _assign_roles(
             info.role = "fp" if first_last == "fp" else "static"
             info.bits = (8,) if first_last == "8bit" else ()
             info.pinned_bits = 8 if first_last == "8bit" else None
+    for info in layers:  # last: an excluded layer stays full precision whatever else applies
+        if any(fnmatch.fnmatch(info.name, pat) for pat in exclude):
+            info.role, info.bits, info.pinned_bits = "fp", (), None
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -159,10 +160,22 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _check_plain(module: nn.Module, name: str) -> None:
+    """A subclass of Conv2d/Linear with its own forward would lose it once quantized."""
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    if type(module).forward is not base.forward:
+        raise ValueError(
+            f"layer {name!r} is a {type(module).__name__}, a {base.__name__} with its own "
+            "forward, which a quantized layer would not run; leave it full precision with "
+            f"exclude=[{name!r}]"
+        )
+
+
 def _swap(
     root: nn.Module, info: LayerInfo, method: str, bits: tuple[int, ...], signed: bool, **kw
 ) -> nn.Module:
     old = root.get_submodule(info.name)
+    _check_plain(old, info.name)
     if info.role == "dynamic":
         cls = DynamicQConv2d if info.op == "conv" else DynamicQLinear
         new = cls.from_float(old, method, bits, signed, **kw)
@@ -170,7 +183,11 @@ def _swap(
         cls = QConv2d if info.op == "conv" else QLinear
         new = cls.from_float(old, method, bits[0], signed, **kw)
     new.train(old.training)
-    _set_module(root, info.name, new)
+    # Every attribute holding the layer gets the quantized one, so that whichever name the
+    # forward calls it by runs quantized.
+    for name, module in root.named_modules(remove_duplicate=False):
+        if module is old:
+            _set_module(root, name, new)
     return new
 
 

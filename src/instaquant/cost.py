@@ -63,8 +63,11 @@ def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> Pr
     tap_shape: list[tuple[int, ...]] = []
     handles = []
     modules = dict(model.named_modules())
-    if tap is not None and tap not in modules:
-        raise ValueError(f"tap module {tap!r} not found in the model")
+    if tap is not None:
+        try:
+            tap_module = model.get_submodule(tap)  # any of its names, if it has several
+        except AttributeError:
+            raise ValueError(f"tap module {tap!r} not found in the model") from None
 
     def hook_for(name: str):
         def hook(module: nn.Module, inputs: tuple, out: Tensor) -> None:
@@ -89,14 +92,18 @@ def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> Pr
         return hook
 
     def tap_hook(module: nn.Module, inputs: tuple, out: Tensor) -> None:
-        if not tap_shape:
-            tap_shape.append(tuple(out.shape[1:]))
+        if tap_shape:  # the controller would run again and re-choose mid-forward
+            raise ValueError(
+                f"tap module {tap!r} runs more than once in a forward; tap a module that runs "
+                "once (e.g. a whole block instead of a shared activation inside it)"
+            )
+        tap_shape.append(tuple(out.shape[1:]))
 
     for name, module in modules.items():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             handles.append(module.register_forward_hook(hook_for(name)))
     if tap is not None:
-        handles.append(modules[tap].register_forward_hook(tap_hook))
+        handles.append(tap_module.register_forward_hook(tap_hook))
     was_training = model.training
     model.eval()
     try:

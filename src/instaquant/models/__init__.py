@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..config import UserError
 from .cifar_resnet import CifarResNet, resnet20, resnet32, resnet56
 from .digits import DigitsNet, digits_net
 
@@ -34,7 +35,7 @@ def _torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     try:
         model = builder(weights=weights)
     except Exception as err:  # URLError, HTTP errors, hash mismatch...
-        raise RuntimeError(
+        raise UserError(
             f"could not fetch torchvision's pretrained {name} weights ({type(err).__name__}: "
             f"{err}); connect to the internet once or put the file in the torch hub cache "
             f"({weights.url})"

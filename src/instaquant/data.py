@@ -203,9 +203,16 @@ class StreamLoader:
             gen = torch.Generator().manual_seed(0)
             keep = torch.randperm(len(self.dataset), generator=gen)[: cfg.limit].sort().values
             self.dataset = torch.utils.data.Subset(self.dataset, keep.tolist())
-        self.sampler = torch.utils.data.distributed.DistributedSampler(
-            self.dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed
-        )
+        self.sampler: torch.utils.data.distributed.DistributedSampler | None = None
+        if train:
+            self.sampler = torch.utils.data.distributed.DistributedSampler(
+                self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed
+            )
+        elif world > 1:
+            # Each test image on exactly one rank, as TensorLoader shards: DistributedSampler
+            # would pad the last shards with repeated images, which evaluation would count.
+            shard = range(rank, len(self.dataset), world)
+            self.dataset = torch.utils.data.Subset(self.dataset, list(shard))
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
@@ -218,7 +225,8 @@ class StreamLoader:
         self.info = info
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)

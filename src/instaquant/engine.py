@@ -19,15 +19,15 @@ from tqdm import tqdm
 
 from . import config as config_mod
 from . import distributed
-from .builder import build_model, resolve_device, signed_plan
+from .builder import build_model, epoch_temperature, resolve_device, signed_plan
 from .checkpoint import atomic_save, load_checkpoint, load_model_state, save_checkpoint
 from .config import Config, UserError
-from .controller import annealed_tau
 from .convert import DynamicQuantModel, QuantModel
 from .cost import BITOPS_CONVENTION, controller_cost
 from .data import build_loaders
 from .distributed import DistContext
 from .evaluation import evaluate, reference_bitops
+from .quant.methods import InitFlags
 
 
 class NonFiniteLossError(UserError):
@@ -228,6 +228,10 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _has_uninitialised_quantizers(model: nn.Module) -> bool:
+    return any(isinstance(m, InitFlags) and not m.all_initialized() for m in model.modules())
+
+
 def _sync_lazy_init(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> None:
     """Run one batch so data-dependent quantizer parameters exist before DDP broadcasts
     rank 0's parameters and buffers: every rank then starts from identical values."""
@@ -237,6 +241,18 @@ def _sync_lazy_init(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -
         x, _ = next(iter(loader))
         model(x)
     model.train(was_training)
+
+
+def _check_same_world(state: dict[str, Any], world: int, path: Path) -> None:
+    """A mid-epoch checkpoint resumes only with its number of processes: the steps to skip
+    count batches of that many shards."""
+    saved = state.get("world", world)  # unknown in checkpoints written before it was recorded
+    if state.get("step", 0) and saved != world:
+        raise UserError(
+            f"{str(path)!r} was stopped mid-epoch by {saved} process(es), this run has {world}: "
+            f"resume it with {saved}; the count may change only between epochs "
+            "(train with --stop-after-epoch to stop at an epoch's end)"
+        )
 
 
 def fit(
@@ -297,6 +313,7 @@ def _train(
     if resume and state is None and ctx.is_main:
         tqdm.write(f"no checkpoint in {str(out)!r} to resume from: starting the run")
     if state is not None:
+        _check_same_world(state, ctx.world, last_path)
         model = build_model(cfg, info, ctx.device, signed=state.get("signed"), load_init=False)
         load_model_state(
             model,
@@ -312,7 +329,9 @@ def _train(
         raise UserError("the training set is empty (check data.limit and the batch size)")
     net: nn.Module = model
     if ctx.enabled:
-        if state is None:
+        # Not on an initialised resumed model: a training forward would move its BN
+        # statistics (and LQ-Nets bases) away from where the stopped run left them.
+        if state is None or _has_uninitialised_quantizers(model):
             _sync_lazy_init(model, train_loader)
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -340,6 +359,10 @@ def _train(
         mid_epoch: dict[str, Any] | None = None,
     ) -> None:
         nonlocal best
+        # Every rank follows the best (the metrics are all-reduced): fit returns it everywhere.
+        improved = result_metrics is not None and result_metrics["top1"] > best
+        if improved:
+            best = result_metrics["top1"]
         if not ctx.is_main:
             return
         fields = dict(
@@ -353,9 +376,9 @@ def _train(
             metrics=metrics,
             signed=signed_plan(model),
             wall_s=wall,
+            world=ctx.world,
         )
-        if result_metrics is not None and result_metrics["top1"] > best:
-            best = result_metrics["top1"]
+        if improved:
             save_checkpoint(out / "best.pt", best_top1=best, **fields)
         save_checkpoint(last_path, best_top1=best, **fields)
 
@@ -366,18 +389,17 @@ def _train(
             # Seeding per epoch makes a resumed run replay exactly the uninterrupted one.
             torch.manual_seed(cfg.seed * 1_000_003 + epoch)
             train_loader.set_epoch(epoch)
-            if isinstance(model, DynamicQuantModel) and cfg.quant.tau_final is not None:
-                progress_frac = epoch / max(cfg.epochs - 1, 1)
-                model.set_temperature(
-                    annealed_tau(cfg.quant.tau, cfg.quant.tau_final, progress_frac)
-                )
+            tau = epoch_temperature(cfg, epoch)
+            if isinstance(model, DynamicQuantModel) and tau is not None:
+                model.set_temperature(tau)
             loop = _EpochLoop(net, model, opt, cfg, ctx, epoch, steps, progress, stop)
             train_stats = loop.run(train_loader, skip_steps, mid_epoch)
             wall += time.time() - t0
             if loop.stopped_at is not None:
-                checkpoint(epoch, loop.stopped_at, None, loop.mid_epoch_state())
+                mid = loop.mid_epoch_state()  # a collective: on every rank, before the save
+                checkpoint(epoch, loop.stopped_at, None, mid)
                 raise RunInterruptedError(
-                    f"{stop.received}: saved a resumable checkpoint at epoch {epoch + 1}, "
+                    f"{loop.stop_reason}: saved a resumable checkpoint at epoch {epoch + 1}, "
                     f"step {loop.stopped_at}/{steps} in {str(last_path)!r}; "
                     "continue with --resume"
                 )
@@ -435,6 +457,7 @@ class _EpochLoop:
         self.net, self.model, self.opt, self.cfg, self.ctx = net, model, opt, cfg, ctx
         self.epoch, self.steps, self.progress, self.stop = epoch, steps, progress, stop
         self.stopped_at: int | None = None
+        self.stop_reason: str | None = None
         self.ref = reference_bitops(model, cfg.ref_bits)
         # n, loss, correct, budget, bitops_rel, bits: summed over samples, reduced over ranks.
         self.sums = torch.zeros(6, dtype=torch.float64)
@@ -461,7 +484,7 @@ class _EpochLoop:
                 continue
             if i == skip and mid_epoch is not None:
                 self._restore(mid_epoch)
-            if self.stop.received:
+            if self._agree_to_stop():
                 self.stopped_at = i
                 break
             lr = _set_lr(self.opt, lr_factor(cfg, self.epoch + i / self.steps))
@@ -471,21 +494,35 @@ class _EpochLoop:
         bar.close()
         return self._stats(lr)
 
+    def _agree_to_stop(self) -> bool:
+        """Whether a stop signal reached any rank: all ranks stop at the same step, since
+        one stopping alone would leave the others waiting in DDP's gradient all_reduce."""
+        received = self.stop.received
+        if self.ctx.enabled:
+            signum = torch.tensor([int(signal.Signals[received]) if received else 0])
+            signum = int(self.ctx.all_reduce(signum.to(self.ctx.device), "max"))
+            received = signal.Signals(signum).name if signum else None
+        self.stop_reason = received
+        return received is not None
+
     def mid_epoch_state(self) -> dict[str, Any]:
         """What a resumed run needs to continue this stopped epoch exactly: the random state
-        (Gumbel noise, dropout) and the running sums of the epoch's training statistics."""
+        (Gumbel noise, dropout) and the running sums of the epoch's training statistics.
+
+        Under DDP a collective (the sums over all ranks): call it on every rank.
+        """
         state: dict[str, Any] = {"rng": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        if not self.ctx.enabled:  # under DDP each rank holds its own share of the sums
-            state["sums"] = self.sums.clone()
+        state["sums"] = self.ctx.all_reduce(self.sums.clone().to(self.ctx.device)).cpu()
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if "sums" in state and not self.ctx.enabled:
+        # The sums over all ranks go to rank 0 alone: the epoch's final all_reduce adds them once.
+        if "sums" in state and self.ctx.is_main:
             self.sums.copy_(state["sums"])
 
     def _step(self, x: Tensor, y: Tensor, i: int) -> None:
@@ -529,7 +566,8 @@ class _EpochLoop:
         return post
 
     def _stats(self, lr: float) -> dict[str, float]:
-        s = self.ctx.all_reduce(self.sums.to(self.ctx.device)).cpu()
+        # A copy: the rank's own sums stay for mid_epoch_state after a stop.
+        s = self.ctx.all_reduce(self.sums.clone().to(self.ctx.device)).cpu()
         n = max(float(s[0]), 1.0)
         stats = {
             "lr": lr,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import UserError
-from .convert import QuantModel
+from .convert import DynamicQuantModel, QuantModel
 from .distributed import DistContext
 
 PER_SAMPLE_KEYS = ("bitops", "bits_w", "bits_a", "pred", "label", "loss", "prob")
@@ -27,6 +27,19 @@ class EvalResult:
 
 def reference_bitops(model: nn.Module, ref_bits: int) -> float | None:
     return model.static_bitops(ref_bits) if isinstance(model, QuantModel) else None
+
+
+def _no_choices(model: nn.Module) -> Tensor | None:
+    """Zero counts of a dynamic model's choices, ``[L, K]`` (``[L, 2, K]`` when separate).
+
+    Every rank starts from these, not None: a rank whose shard is empty must still join the
+    all_reduce of the counts.
+    """
+    if not isinstance(model, DynamicQuantModel):
+        return None
+    layers, k = model.dynamic_macs.numel(), len(model.spec.bits)
+    shape = (layers, 2, k) if model.spec.separate else (layers, k)
+    return torch.zeros(shape, dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -53,7 +66,7 @@ def evaluate(
         torch.tensor([-math.inf], dtype=torch.float64),
     )
     keep: dict[str, list[Tensor]] = {k: [] for k in PER_SAMPLE_KEYS}
-    choice_counts = None
+    choice_counts = _no_choices(model)
     ref = reference_bitops(model, ref_bits)
     for x, y in tqdm(loader, desc="eval", leave=False, disable=None if progress else True):
         logits = model(x)

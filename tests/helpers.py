@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -86,3 +88,23 @@ def assert_models_match(fast, ref, x, y):
             checked += 1
     assert checked == sum(p.grad is not None for p in named_r.values()) > 50
     return fast.last
+
+
+def free_port():
+    """A TCP port nobody listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_rank(rank, world, port):
+    """Set the environment torchrun would give process ``rank`` of ``world`` (one thread each:
+    the ranks share this machine's cores)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)

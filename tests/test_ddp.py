@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import make_image_folder
+from helpers import as_rank, free_port, make_image_folder
 from instaquant import config as C
 from instaquant import distributed, engine
 from instaquant.builder import build_model
@@ -40,28 +39,15 @@ def _cfg(out):
     return C.from_dict({"name": Path(out).name, "out": str(out)}, ARGS)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _join(rank, world, port):
     """Join the gloo group with a short timeout, so a rank left waiting fails the test instead
     of hanging it; train_model uses this group and leaves it at its end."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
 
 
 def _spawn(worker, *args, phases=1):
-    ports = [_free_port() for _ in range(phases)]
+    ports = [free_port() for _ in range(phases)]
     torch.multiprocessing.spawn(worker, args=(2, ports, *args), nprocs=2)
 
 

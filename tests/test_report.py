@@ -11,8 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import make_image_folder
 from instaquant import config as C
-from instaquant.analysis import extremes, quantile_bins, rankdata, spearman
+from instaquant import report
+from instaquant.analysis import (
+    _check_fp_compatible,
+    boundary_tie,
+    extremes,
+    quantile_bins,
+    rankdata,
+    spearman,
+)
 from instaquant.cli import main
 from instaquant.data import build_loaders
 from instaquant.engine import fit
@@ -100,12 +109,47 @@ def test_quantile_bins_keep_ties_together():
 def test_extremes_are_disjoint_and_ordered():
     class Fake:
         bitops = torch.tensor([3.0, 1, 1, 2, 3, 1])
+        difficulty = torch.zeros(6)  # no difficulty order: ties fall back to the index
         n = 6
 
     cheap, costly = extremes(Fake(), 2)
     assert cheap.tolist() == [1, 2] and costly.tolist() == [4, 0]
     cheap, costly = extremes(Fake(), 10)  # clipped to n // 2 so the sets never overlap
     assert len(cheap) == len(costly) == 3 and not set(cheap.tolist()) & set(costly.tolist())
+
+
+def test_extremes_break_cost_ties_by_difficulty():
+    class Fake:
+        bitops = torch.tensor([1.0, 1, 1, 2, 2, 2, 2])
+        difficulty = torch.tensor([0.5, 0.1, 0.3, 0.2, 0.9, 0.4, 0.4])
+        ref_bitops = 4.0
+        n = 7
+
+    cheap, costly = extremes(Fake(), 2)
+    # Cheapest: equal cost, easiest first; most expensive: equal cost, hardest first, then
+    # (5 and 6 equally hard) the higher index first, the ascending order read backwards.
+    assert cheap.tolist() == [1, 2] and costly.tolist() == [4, 6]
+    assert boundary_tie(Fake(), cheap) == (0.25, 2, 3)  # 2 of the 3 images costing 1
+    assert boundary_tie(Fake(), costly) == (0.5, 2, 4)
+    cheap, _ = extremes(Fake(), 3)
+    assert cheap.tolist() == [1, 2, 0] and boundary_tie(Fake(), cheap) is None  # all 3 taken
+
+
+def test_fp_check_compares_class_lists():
+    cfg = C.from_dict({"name": "q"}, [*TINY, "recipe=static", "quant.bits=[3]"])
+    fp_cfg = C.from_dict({"name": "fp"}, [*TINY, "recipe=fp"])
+
+    class Info:
+        def __init__(self, classes):
+            self.classes = classes
+
+    _check_fp_compatible(cfg, Info(["a", "b"]), fp_cfg, Info(["a", "b"]), Path("fp.pt"))
+    with pytest.raises(
+        C.UserError,
+        match=r"--fp run 'fp.pt' has 3 classes \['a', 'b', 'c'\] but this run 2 classes "
+        r"\['a', 'b'\]; give an FP run on the same data$",
+    ):
+        _check_fp_compatible(cfg, Info(["a", "b"]), fp_cfg, Info(["a", "b", "c"]), Path("fp.pt"))
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -200,6 +244,14 @@ def test_static_run_gives_a_reduced_report(runs):
     assert [q["bin"] for q in data["accuracy_by_quantile"]] == ["all"]
     _, rows = _rows(paths["csv"])
     assert len({r["bitops"] for r in rows}) == 1 and len(rows) == 128
+    # Every image costs the same: no cheapest or most expensive images to rank.
+    assert "gallery" not in paths and not (out / "static3" / "report" / "gallery.png").exists()
+    assert data["gallery"] == {"cheapest": [], "most_expensive": [], "tie_break": None}
+    rel = float(rows[0]["bitops_rel"])
+    assert (
+        f"Every test image costs the same ({float(rows[0]['bitops']):.4g} BitOPs, {rel:.3f}x), "
+        "so there are no cheapest or most expensive images to show."
+    ) in paths["md"].read_text()
 
 
 def test_cli_report_and_its_errors(runs, capsys):
@@ -256,3 +308,171 @@ def test_analysis_evaluations_follow_the_progress_flag(runs, monkeypatch, progre
     out, _ = runs
     analysis.analyze(out / "dq", out / "fp", progress=progress)
     assert seen == ([None, None] if progress else [True, True])
+
+
+def test_gallery_breaks_cost_ties_by_fp_loss_and_says_so(runs):
+    _, paths = runs
+    _, rows = _rows(paths["csv"])
+    cost = [float(r["bitops"]) for r in rows]
+    loss = [float(r["fp_loss"]) for r in rows]
+    gallery = json.loads(paths["json"].read_text())["gallery"]
+    md = paths["md"].read_text()
+    rule = (
+        "Ordered by BitOPs; images of equal BitOPs are taken easiest first for the cheapest "
+        "and hardest first for the most expensive (by full-precision loss), then by test-set index "
+        "(ascending for the cheapest, descending for the most expensive)."
+    )
+    assert rule in md and gallery["tie_break"] in rule
+    ties = 0
+    for what, chosen, sign in (("cheapest", gallery["cheapest"], 1), ("most expensive", gallery["most_expensive"], -1)):  # fmt: skip
+        keys = [(sign * cost[i], sign * loss[i]) for i in chosen]
+        assert keys == sorted(keys)  # by cost, then by FP loss within a cost
+        edge = cost[chosen[-1]]
+        tied = [i for i in range(len(rows)) if cost[i] == edge]
+        taken = [i for i in chosen if cost[i] == edge]
+        left = [i for i in tied if i not in chosen]
+        # Within the boundary cost the easiest (cheapest) / hardest (most expensive) were taken.
+        assert all(sign * loss[i] <= sign * loss[j] for i in taken for j in left)
+        note = (
+            f"The {what} {len(chosen)} take {len(taken)} of the {len(tied)} images that cost "
+            f"{float(rows[chosen[-1]]['bitops_rel']):.3f}x."
+        )
+        assert (note in md) == bool(left)
+        ties += bool(left)
+    assert ties == 2  # this tiny run cuts through a tie at both ends: the rule was needed
+
+
+def test_failed_report_keeps_the_previous_one(runs, tmp_path, monkeypatch):
+    out, _ = runs
+    dq = tmp_path / "dq"
+    shutil.copytree(out / "dq", dq)
+    before = {p.name: p.read_bytes() for p in (dq / "report").iterdir()}
+    assert len(before) == 9
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "plot_bitops_histogram", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_report(dq, fp_run=out / "fp", progress=False)
+    assert {p.name: p.read_bytes() for p in (dq / "report").iterdir()} == before
+    files = ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "report", "summary.json"]
+    assert sorted(p.name for p in dq.iterdir()) == files  # no half-built folder left behind
+
+    monkeypatch.undo()
+    (dq / "report" / "stale.png").write_bytes(PNG_MAGIC)
+    paths = write_report(dq, fp_run=out / "fp", progress=False)
+    assert paths["html"] == dq / "report" / "report.html" and paths["html"].is_file()
+    assert sorted(p.name for p in (dq / "report").iterdir()) == sorted(before)  # stale.png gone
+    assert sorted(p.name for p in dq.iterdir()) == files
+
+
+def test_nan_fp_run_is_a_one_line_error(runs, tmp_path, capsys):
+    out, _ = runs
+    for name in ("dq", "fp"):
+        shutil.copytree(out / name, tmp_path / name)
+    ckpt_path = tmp_path / "fp" / "last.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    for v in ckpt["model"].values():
+        if v.is_floating_point():
+            v.fill_(math.nan)
+    torch.save(ckpt, ckpt_path)
+    before = (tmp_path / "dq" / "report" / "report.md").read_bytes()
+    assert main(["report", str(tmp_path / "dq"), "--fp", str(tmp_path / "fp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"instaquant: error: --fp run {str(ckpt_path)!r} gives a NaN loss or confidence on "
+        "128 of 128 test images (diverged weights?); give a trained FP run"
+    )
+    assert (tmp_path / "dq" / "report" / "report.md").read_bytes() == before
+
+
+def _copy_runs(src: Path, dst: Path, *names: str) -> None:
+    for name in names:
+        shutil.copytree(src / name, dst / name, ignore=shutil.ignore_patterns("report"))
+
+
+def test_run_without_summary_is_in_its_own_comparison(runs, tmp_path):
+    out, _ = runs
+    _copy_runs(out, tmp_path, "dq")
+    # A time-sliced run (--stop-after-epoch) has its checkpoints but no summary.json yet.
+    shutil.copytree(out / "static3", tmp_path / "sliced", ignore=shutil.ignore_patterns("report", "summary.json"))  # fmt: skip
+    paths = write_report(tmp_path / "sliced", progress=False)
+    data = json.loads(paths["json"].read_text())
+    assert [(r["name"], r["recipe"]) for r in data["comparison"]] == [
+        ("static3", "static"),
+        ("dq", "dynamic"),
+    ]
+    own = data["comparison"][0]
+    assert own["top1"] == data["metrics"]["top1"] and own["bitops_rel"] == 1.0
+    assert "This run (circled): its analysed checkpoint last.pt" in paths["md"].read_text()
+
+
+def test_comparison_fp_line_is_the_analysed_fp_model(runs, tmp_path, capsys):
+    out, _ = runs
+    _copy_runs(out, tmp_path, "fp", "dq", "static3")
+    # summary.json figures the report must not use for the FP line.
+    summary = tmp_path / "fp" / "summary.json"
+    data = json.loads(summary.read_text())
+    data["runs"][0].update(top1=12.5, best_top1=12.5)
+    summary.write_text(json.dumps(data))
+    paths = write_report(tmp_path / "dq", fp_run=tmp_path / "fp", checkpoint="best", progress=False)
+    data = json.loads(paths["json"].read_text())
+    assert main(["eval", str(tmp_path / "fp" / "best.pt"), "--json"]) == 0
+    fp_top1 = json.loads(capsys.readouterr().out)["top1"]
+    static3 = json.loads((tmp_path / "static3" / "summary.json").read_text())["runs"][0]
+    assert [(r["name"], r["recipe"], r["top1"]) for r in data["comparison"]] == [
+        ("dq", "dynamic", data["metrics"]["top1"]),
+        ("fp", "fp", fp_top1),
+        ("static3", "static", static3["top1"]),  # its final checkpoint, as the caption says
+    ]
+    assert data["fp_top1"] == fp_top1
+    assert (
+        "This run (circled): its analysed checkpoint best.pt; full-precision line: the FP run "
+        f"{tmp_path / 'fp' / 'best.pt'} on these same 128 test images; the other runs: finished "
+        "runs beside this one on the same model and data, at their final checkpoint as their "
+        "summary.json records it."
+    ) in paths["md"].read_text()
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+@pytest.fixture(scope="module")
+def folder_runs(tmp_path_factory):
+    """Static and FP runs on two image folders: A (cat, dog) and B (bird, cat, dog)."""
+    base = tmp_path_factory.mktemp("folders")
+    roots = {
+        "A": make_image_folder(base / "A", classes=("cat", "dog"), per_class=4, size=8),
+        "B": make_image_folder(base / "B", classes=("bird", "cat", "dog"), per_class=4, size=8),
+    }
+    for name, recipe in (("fpA", "fp"), ("fpB", "fp"), ("stA", "static"), ("stB", "static")):
+        data = [
+            "data.name=imagefolder",
+            f"data.root={roots[name[-1]]}",
+            f"data.cache_dir={base / 'cache'}",
+            "data.batch_size=4",
+        ]
+        extra = [f"recipe={recipe}", "quant.bits=[3]", "epochs=1", "model.name=digits_net"]
+        cfg = C.from_dict({"name": name, "out": str(base / "runs" / name)}, [*data, *extra])
+        fit(cfg, progress=False)
+    return base / "runs", roots
+
+
+def test_fp_run_on_another_image_folder_is_refused(folder_runs, capsys):
+    runs, roots = folder_runs
+    assert main(["report", str(runs / "stA"), "--fp", str(runs / "fpB")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"instaquant: error: --fp run {str(runs / 'fpB' / 'last.pt')!r} was trained on "
+        f"imagefolder {str(roots['B'])!r} but this run on imagefolder {str(roots['A'])!r}; "
+        "give an FP run on the same data"
+    )
+
+
+def test_comparison_leaves_out_runs_on_another_image_folder(folder_runs):
+    runs, roots = folder_runs
+    paths = write_report(runs / "stA", progress=False)
+    data = json.loads(paths["json"].read_text())
+    # stB and fpB (same model, dataset name "imagefolder", but folder B) are left out.
+    assert [r["name"] for r in data["comparison"]] == ["stA", "fpA"]
+    assert f"(digits_net on imagefolder {roots['A']})" in paths["md"].read_text()

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import as_rank, free_port
 from instaquant import config as C
 from instaquant import distributed
 from instaquant.builder import load_for_eval
@@ -260,21 +260,8 @@ def test_infeasible_budget_and_single_candidate(tmp_path, capsys):
 # ---------------------------------------------------------------------------- DDP
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out, dump):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     cfg = _cfg(out, "epochs=2", "recipe=dynamic", "quant.method=lsq")
     _, model = train_model(cfg, progress=False)
     torch.save(model.state_dict(), Path(dump) / f"rank{rank}.pt")
@@ -283,7 +270,7 @@ def _ddp_worker(rank, world, port, out, dump):
 def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     out, dump = tmp_path / "ddp", tmp_path / "dump"
     dump.mkdir()
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(out), str(dump)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(out), str(dump)), nprocs=2)
     a, b = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     _same_state(a, b)
     assert any(k.endswith("aq.step") for k in a), "LSQ steps are initialised from data"

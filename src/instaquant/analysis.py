@@ -52,6 +52,8 @@ class Analysis:
     bits_a: Tensor  # [N, L]
     metrics: dict[str, Any]
     layers: list[Any] = field(default_factory=list, repr=False)  # cost.LayerInfo of every layer
+    method: str | None = None  # the quantizer method (pact, lsq, ...)
+    data_root: str | None = None  # the image folder read (resolved); None for named datasets
     fp_run: str | None = None
     fp_loss: Tensor | None = None
     fp_confidence: Tensor | None = None
@@ -88,6 +90,13 @@ class Analysis:
     @property
     def bitops_constant(self) -> bool:
         return bool((self.bitops == self.bitops[0]).all())
+
+    @property
+    def fp_top1(self) -> float | None:
+        """The FP run's top-1 (%) on these very images, or None without an FP run."""
+        if self.fp_pred is None:
+            return None
+        return 100.0 * float((self.fp_pred == self.label).double().mean())
 
 
 # --------------------------------------------------------------------------- statistics
@@ -185,10 +194,35 @@ def correlations(a: Analysis) -> dict[str, float]:
 
 def extremes(a: Analysis, k: int) -> tuple[Tensor, Tensor]:
     """Indices of the ``k`` cheapest images (cheapest first) and the ``k`` most expensive
-    (most expensive first); ties broken by index, and the two sets never overlap."""
+    (most expensive first); the two sets never overlap.
+
+    Many images often share one cost, so ties are broken as :func:`tie_break_rule` says:
+    one order by (BitOPs, difficulty, index), read from either end.
+    """
     k = max(0, min(k, a.n // 2))
-    order = torch.argsort(a.bitops, stable=True)
+    order = torch.argsort(a.difficulty.double(), stable=True)  # stable: equal ones stay by index
+    order = order[torch.argsort(a.bitops[order], stable=True)]
     return order[:k], order[a.n - k :].flip(0)
+
+
+def tie_break_rule(a: Analysis) -> str:
+    """The order :func:`extremes` gives images of equal BitOPs, in words for the report."""
+    return (
+        f"images of equal BitOPs are taken easiest first for the cheapest and hardest first "
+        f"for the most expensive (by {a.difficulty_name}), then by test-set index (ascending "
+        "for the cheapest, descending for the most expensive)"
+    )
+
+
+def boundary_tie(a: Analysis, chosen: Tensor) -> tuple[float, int, int] | None:
+    """``(relative cost, chosen, total)`` when ``chosen`` takes only some of the images that
+    share the cost of its last one (so the tie-break decided which), else None."""
+    if chosen.numel() == 0:
+        return None
+    cost = a.bitops[chosen[-1]]
+    total = int((a.bitops == cost).sum())
+    taken = int((a.bitops[chosen] == cost).sum())
+    return None if taken == total else (float(cost) / a.ref_bitops, taken, total)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -232,14 +266,38 @@ def _evaluate_with_entropy(
     return result, torch.cat(entropies)
 
 
-def _check_fp_compatible(cfg: Config, fp_cfg: Config, fp_path: Path) -> None:
+def data_identity(cfg: Config) -> tuple[str, str | None]:
+    """What makes two runs' test sets and labels the same: the dataset and, for an image
+    folder (whose classes are its sub-folders), the resolved folder."""
+    if cfg.data.name == "imagefolder":
+        return cfg.data.name, str(Path(cfg.data.root).expanduser().resolve())
+    return cfg.data.name, None
+
+
+def _describe(identity: tuple[str, str | None]) -> str:
+    name, root = identity
+    return repr(name) if root is None else f"{name} {root!r}"
+
+
+def _check_fp_compatible(
+    cfg: Config, info: Any, fp_cfg: Config, fp_info: Any, fp_path: Path
+) -> None:
     if fp_cfg.recipe != "fp":
         raise UserError(
             f"--fp {str(fp_path)!r} is a {fp_cfg.recipe!r} run; give a full-precision (recipe fp) run"
         )
-    if fp_cfg.data.name != cfg.data.name:
+    # The FP model scores this run's labels: its class indices must mean the same classes.
+    ours, theirs = data_identity(cfg), data_identity(fp_cfg)
+    if ours != theirs:
         raise UserError(
-            f"--fp run was trained on {fp_cfg.data.name!r} but this run on {cfg.data.name!r}"
+            f"--fp run {str(fp_path)!r} was trained on {_describe(theirs)} "
+            f"but this run on {_describe(ours)}; give an FP run on the same data"
+        )
+    if list(fp_info.classes) != list(info.classes):
+        raise UserError(
+            f"--fp run {str(fp_path)!r} has {len(fp_info.classes)} classes {list(fp_info.classes)} "
+            f"but this run {len(info.classes)} classes {list(info.classes)}; "
+            "give an FP run on the same data"
         )
 
 
@@ -269,8 +327,8 @@ def analyze(
     if fp_run is not None:
         # Checked before any evaluation, so a wrong --fp fails fast.
         fp_path = resolve_checkpoint(fp_run, checkpoint)
-        fp_cfg, fp_model, _ = load_for_eval(fp_path, overrides)
-        _check_fp_compatible(cfg, fp_cfg, fp_path)
+        fp_cfg, fp_model, fp_extra = load_for_eval(fp_path, overrides)
+        _check_fp_compatible(cfg, extra["info"], fp_cfg, fp_extra["info"], fp_path)
     loader, info = extra["test_loader"], extra["info"]
     result, entropy = _evaluate_with_entropy(model, loader, cfg.ref_bits, progress)
     ps = result.per_sample
@@ -288,6 +346,8 @@ def analyze(
         model_name=cfg.model.name,
         dataset=cfg.data.name,
         checkpoint=str(path),
+        method=cfg.quant.method,
+        data_root=data_identity(cfg)[1],
         classes=list(info.classes),
         layer_names=[i.name for i in layers],
         layer_macs=[int(i.macs) for i in layers],
@@ -313,6 +373,13 @@ def analyze(
         fp_model.to(getattr(loader, "device", "cpu"))
         fp_ps = evaluate(fp_model, loader, cfg.ref_bits, per_sample=True, progress=progress)
         fp = fp_ps.per_sample
+        bad = int((fp["loss"].isnan() | fp["prob"].isnan()).sum())
+        if bad:
+            # A diverged FP model would otherwise fail later as "cannot rank NaN values".
+            raise UserError(
+                f"--fp run {str(fp_path)!r} gives a NaN loss or confidence on {bad} of "
+                f"{len(fp['loss'])} test images (diverged weights?); give a trained FP run"
+            )
         a.fp_run, a.fp_loss, a.fp_confidence, a.fp_pred = (
             str(fp_path),
             fp["loss"],

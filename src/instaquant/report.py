@@ -7,6 +7,7 @@ import html
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,18 @@ from .analysis import (  # noqa: E402
     Analysis,
     accuracy_by_quantile,
     analyze,
+    boundary_tie,
     candidate_usage,
     correlations,
+    data_identity,
     display_images,
     extremes,
     rankdata,
+    tie_break_rule,
     write_csv,
 )
+from .config import UserError  # noqa: E402
+from .config import load as load_config  # noqa: E402
 
 BITOPS_NOTE = "BitOPs: quantized layers only; full-precision layers are not counted"
 
@@ -246,10 +252,14 @@ def plot_bitops_vs_difficulty(a: Analysis, path: str | Path, rho: float) -> Path
 
 
 def plot_gallery(a: Analysis, path: str | Path, k: int = 8) -> tuple[Path, Tensor, Tensor] | None:
-    """The ``k`` cheapest and ``k`` most expensive test images with label, prediction, BitOPs.
+    """The ``k`` cheapest and ``k`` most expensive test images with label, prediction, BitOPs
+    (equal BitOPs ordered as :func:`~instaquant.analysis.tie_break_rule` says).
 
-    Returns the path and both index lists, or None when the images cannot be read back.
+    Returns the path and both index lists, or None when every image costs the same (no
+    cheapest or most expensive) or the images cannot be read back.
     """
+    if a.bitops_constant:
+        return None
     cheap, costly = extremes(a, k)
     k = len(cheap)
     if k == 0:
@@ -259,9 +269,11 @@ def plot_gallery(a: Analysis, path: str | Path, k: int = 8) -> tuple[Path, Tenso
         return None
     fig = plt.figure(figsize=(max(1.25 * k, 6.4), 4.4), dpi=120)
     subs = fig.subfigures(2, 1)
+    cheap_title = f"{k} cheapest test images (lowest BitOPs first; equal BitOPs: easiest first)"
+    costly_title = f"{k} most expensive test images (highest BitOPs first; equal: hardest first)"
     for sub, idx, imgs, what in (
-        (subs[0], cheap, imgs_cheap, f"{k} cheapest test images (lowest BitOPs first)"),
-        (subs[1], costly, imgs_costly, f"{k} most expensive test images (highest BitOPs first)"),
+        (subs[0], cheap, imgs_cheap, cheap_title),
+        (subs[1], costly, imgs_costly, costly_title),
     ):
         sub.suptitle(what, fontsize=10)
         axes = sub.subplots(1, k, squeeze=False)[0]
@@ -372,40 +384,105 @@ def _fmt_rho(rho: float) -> str:
     return "undefined" if math.isnan(rho) else f"{rho:+.3f}"
 
 
-def related_runs(run_dir: Path, a: Analysis, fp_run: str | Path | None) -> list[dict]:
-    """This run's summary entry (with the analysed numbers) plus the finished runs beside it
-    (and the FP run) of the same model and dataset, all relative to this run's reference."""
-    entries: list[dict] = []
-    seen: set[Path] = set()
+def _own_entry(a: Analysis) -> dict:
+    """This run as a summary entry, from the analysis: there even without a summary.json
+    (a time-sliced run), and at the analysed checkpoint (which may be best.pt)."""
+    return {
+        "name": a.name,
+        "recipe": a.recipe,
+        "model": a.model_name,
+        "dataset": a.dataset,
+        "method": a.method,
+        "bits": list(a.candidates),
+        "top1": a.metrics["top1"],
+        "bitops_mean": a.metrics["bitops_mean"],
+    }
+
+
+def related_runs(run_dir: Path, a: Analysis) -> list[dict]:
+    """This run (the analysed numbers), the FP run analysed with it (its top-1 on the same
+    images) and the finished runs beside it on the same model and data (their final
+    checkpoint, as their summary.json records it), all relative to this run's reference.
+
+    Without an FP run, FP runs beside this one are drawn from their summary.json too.
+    """
+    entries = [_own_entry(a)]
+    fp_top1 = a.fp_top1
+    if fp_top1 is not None:
+        entries.append(
+            {"name": "fp", "recipe": "fp", "method": None, "bits": None, "top1": fp_top1}
+        )
     run_dir = run_dir.resolve()
-    candidates = [run_dir] + sorted(p for p in run_dir.parent.iterdir() if p.is_dir())
-    if fp_run is not None and Path(fp_run).is_dir():
-        candidates.append(Path(fp_run))
-    for d in candidates:
-        d = d.resolve()
+    seen = {run_dir}
+    for d in sorted(p.resolve() for p in run_dir.parent.iterdir() if p.is_dir()):
         if d in seen or not (d / "summary.json").is_file():
             continue
         seen.add(d)
         try:
             runs = json.loads((d / "summary.json").read_text())["runs"]
-        except (ValueError, KeyError):
-            continue  # a half-written or foreign summary: leave it out of the plot
+            # summary.json names only the dataset; an image folder is told apart by its root.
+            same_data = data_identity(load_config(d / "config.yaml")) == (a.dataset, a.data_root)
+        except (ValueError, KeyError, TypeError, UserError):
+            continue  # a half-written or foreign run: leave it out of the plot
+        if not same_data:
+            continue
         for r in runs:
             if r.get("model") != a.model_name or r.get("dataset") != a.dataset:
                 continue
-            r = dict(r)
-            if d == run_dir:
-                # The report's own numbers: the analysed checkpoint may be best.pt, not last.
-                r.update(
-                    top1=a.metrics["top1"],
-                    bitops_mean=a.metrics["bitops_mean"],
-                    name=a.name,
-                )
-            if r.get("bitops_mean") is not None:
-                r["bitops_rel"] = r["bitops_mean"] / a.ref_bitops
-            r["reference_bits"] = a.ref_bits if r["recipe"] != "fp" else None
-            entries.append(r)
+            if r.get("recipe") == "fp" and fp_top1 is not None:
+                continue  # one FP line: the analysed FP model's, on the same images
+            entries.append(dict(r))
+    for r in entries:
+        if r.get("bitops_mean") is not None:
+            r["bitops_rel"] = r["bitops_mean"] / a.ref_bitops
+        r["reference_bits"] = a.ref_bits if r["recipe"] != "fp" else None
     return entries
+
+
+def _comparison_caption(a: Analysis, runs: list[dict]) -> str:
+    """Says where each point of the comparison plot comes from (which checkpoint, which data)."""
+    data = a.dataset if a.data_root is None else f"{a.dataset} {a.data_root}"
+    parts = [
+        f"Top-1 against mean BitOPs relative to static {a.ref_bits}-bit ({a.model_name} on "
+        f"{data}). This run (circled): its analysed checkpoint {Path(a.checkpoint).name}"
+    ]
+    if a.fp_run is not None:
+        parts.append(f"full-precision line: the FP run {a.fp_run} on these same {a.n} test images")
+    # related_runs puts this run first; with --fp, the only FP entry is the analysed one.
+    others = [r for r in runs[1:] if a.fp_run is None or r["recipe"] != "fp"]
+    if others:
+        fp = " (and the full-precision line)" if any(r["recipe"] == "fp" for r in others) else ""
+        parts.append(
+            f"the other runs{fp}: finished runs beside this one on the same model and data, "
+            "at their final checkpoint as their summary.json records it"
+        )
+    return "; ".join(parts) + "."
+
+
+def _tie_note(what: str, chosen: Tensor, a: Analysis) -> str:
+    """A sentence when the gallery row cuts through a group of equally expensive images."""
+    tie = boundary_tie(a, chosen)
+    if tie is None:
+        return ""
+    rel, taken, total = tie
+    return f" The {what} {len(chosen)} take {taken} of the {total} images that cost {rel:.3f}x."
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace the folder ``out`` by ``new``; the old one is deleted only once ``new`` is in."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=".report-old-", dir=out.parent))
+        out.rename(old / out.name)
+    try:
+        new.rename(out)
+    except OSError:
+        if old is not None:
+            (old / out.name).rename(out)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def write_report(
@@ -420,19 +497,29 @@ def write_report(
 
     Writes ``per_sample.csv``, the PNG plots, ``report.md``, a self-contained
     ``report.html`` (images embedded) and ``report.json`` (the figures in machine form).
-    ``fp_run`` (a full-precision run on the same dataset) supplies the difficulty measure.
-    Returns the written paths by name.
+    ``fp_run`` (a full-precision run on the same data) supplies the difficulty measure.
+    The report is built in a temporary folder beside ``report/`` and swapped in when
+    complete, so a failure leaves the previous report as it was (and no stale plot
+    survives a success). Returns the written paths by name.
     """
-    from .config import UserError
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {str(run_dir)!r} not found")
     a = analyze(run_dir, fp_run, checkpoint, overrides, progress)
     out = run_dir / "report"
-    if out.exists():
-        shutil.rmtree(out)  # a stale plot from an earlier report must not survive
-    out.mkdir(parents=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".report-new-", dir=run_dir))
+    try:
+        tmp.chmod(run_dir.stat().st_mode & 0o777)  # mkdtemp's 0700 would hide the report
+        paths = _write_files(run_dir, tmp, a, gallery_size)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {k: out / p.name for k, p in paths.items()}
+
+
+def _write_files(run_dir: Path, out: Path, a: Analysis, gallery_size: int) -> dict[str, Path]:
+    """Every file of the report of ``a`` into the folder ``out``; returns them by name."""
     paths: dict[str, Path] = {"csv": write_csv(a, out / "per_sample.csv")}
     rho = correlations(a)
     primary = rho.get("fp_loss", rho["entropy"])
@@ -461,9 +548,8 @@ def write_report(
     ]
     if a.budget_rel is not None:
         rows.append(["BitOPs budget target", f"{a.budget_rel:.3f}x"])
-    if a.fp_pred is not None:
-        fp_top1 = 100 * float((a.fp_pred == a.label).double().mean())
-        rows.append(["full-precision top-1 (same images)", f"{fp_top1:.2f}%"])
+    if a.fp_top1 is not None:
+        rows.append(["full-precision top-1 (same images)", f"{a.fp_top1:.2f}%"])
     doc.table(["measure", "value"], rows)
     doc.p(
         f"BitOPs convention: {a.convention}. Relative figures are to the static {a.ref_bits}-bit model."
@@ -551,10 +637,16 @@ def write_report(
     doc.h2("Per-image cost")
     paths["histogram"] = plot_bitops_histogram(a, out / "bitops_histogram.png")
     doc.image(paths["histogram"], "Histogram of per-image BitOPs (correct and wrong stacked).")
-    gallery = plot_gallery(a, out / "gallery.png", gallery_size)
     cheap_idx: list[int] = []
     costly_idx: list[int] = []
-    if gallery is not None:
+    gallery = plot_gallery(a, out / "gallery.png", gallery_size)
+    if a.bitops_constant:
+        doc.p(
+            f"Every test image costs the same ({float(a.bitops[0]):.4g} BitOPs, "
+            f"{float(a.bitops_rel[0]):.3f}x), so there are no cheapest or most expensive "
+            "images to show."
+        )
+    elif gallery is not None:
         paths["gallery"], cheap, costly = gallery
         cheap_idx, costly_idx = cheap.tolist(), costly.tolist()
         doc.image(paths["gallery"], "The cheapest and the most expensive test images.")
@@ -563,22 +655,22 @@ def write_report(
             + ", ".join(map(str, cheap_idx))
             + "; most expensive "
             + ", ".join(map(str, costly_idx))
-            + "."
+            + f". Ordered by BitOPs; {tie_break_rule(a)}."
+            + _tie_note("cheapest", cheap, a)
+            + _tie_note("most expensive", costly, a)
         )
     else:
         doc.p("The test images cannot be read back from this loader, so there is no gallery.")
 
-    runs = related_runs(run_dir, a, fp_run)
+    runs = related_runs(run_dir, a)
+    comparison: list[dict] = []
     if len(runs) > 1:
+        comparison = [{k: r.get(k) for k in ("name", "recipe", "top1", "bitops_rel")} for r in runs]
         doc.h2("Against the other runs")
         paths["accuracy"] = plot_accuracy_vs_bitops(
             runs, out / "accuracy_vs_bitops.png", f"{a.model_name} on {a.dataset}", a.name
         )
-        doc.image(
-            paths["accuracy"],
-            "Top-1 against mean BitOPs for this run and the finished runs beside it "
-            f"(same model and dataset), relative to static {a.ref_bits}-bit.",
-        )
+        doc.image(paths["accuracy"], _comparison_caption(a, runs))
 
     doc.h2("Files")
     doc.p(
@@ -595,6 +687,7 @@ def write_report(
         "recipe": a.recipe,
         "samples": a.n,
         "metrics": {k: v for k, v in m.items() if k != "candidate_fraction"},
+        "fp_top1": a.fp_top1,
         "reference_bits": a.ref_bits,
         "reference_bitops": a.ref_bitops,
         "difficulty": a.difficulty_name,
@@ -603,7 +696,12 @@ def write_report(
         "candidates": list(a.candidates),
         "candidate_usage": None if usage is None else usage.tolist(),
         "layers": a.layer_names,
-        "gallery": {"cheapest": cheap_idx, "most_expensive": costly_idx},
+        "gallery": {
+            "cheapest": cheap_idx,
+            "most_expensive": costly_idx,
+            "tie_break": None if a.bitops_constant else tie_break_rule(a),
+        },
+        "comparison": comparison,
         "bitops_convention": a.convention,
     }
     paths["json"] = out / "report.json"

@@ -1,5 +1,8 @@
 """iq.dynamic / iq.static: determinism, per-sample routing, per-sample equivalence, conversions."""
 
+import copy
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -347,3 +350,108 @@ def test_conv_subclass_with_its_own_forward_is_refused_unless_excluded():
     spec = iq.DynamicSpec(method="pact", bits=(3, 4), exclude=("layer2.0.conv1",))
     model = iq.dynamic(fp, spec, torch.randn(*X32))
     assert type(model.model.layer2[0].conv1) is _Standardized
+
+
+def test_costs_stay_exact_in_low_precision():
+    """MACs overflow float16 and round in bfloat16: BitOPs are counted in float32 from integer
+    buffers, whatever the model is cast to or autocast does."""
+    dq = _dq()
+    x = torch.randn(2, 3, 32, 32)
+    with dq.forced_bits([4] * len(dq.dynamic_layers)), torch.no_grad():
+        dq.eval()(x)
+        exact = dq.last.bitops.clone()
+        with torch.autocast("cpu", dtype=torch.float16):
+            dq(x)
+        torch.testing.assert_close(dq.last.bitops, exact, atol=0, rtol=0)
+        low = copy.deepcopy(dq).to(torch.bfloat16)
+        assert low.dynamic_macs.dtype == torch.int64
+        low(x.to(torch.bfloat16))
+        torch.testing.assert_close(low.last.bitops, exact, atol=0, rtol=0)
+    assert exact.dtype == torch.float32 and torch.isfinite(exact).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dynamic_model_of_another_dtype_runs(dtype):
+    fp = iq.models.resnet20().to(dtype)
+    dq = iq.dynamic(fp, iq.DynamicSpec(bits=(3, 4)), torch.randn(1, 3, 32, 32, dtype=dtype))
+    assert next(dq.controller.parameters()).dtype == dtype
+    out = dq(torch.randn(2, 3, 32, 32, dtype=dtype))
+    assert out.dtype == dtype and torch.isfinite(dq.budget_loss())
+
+
+def test_other_input_size_warns_once_and_profile_refuses_it():
+    dq = _dq()
+    with pytest.warns(UserWarning, match=r"converted with an example of shape \(3, 32, 32\)"):
+        dq(torch.randn(2, 3, 64, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dq(torch.randn(2, 3, 64, 64))  # once per model
+        dq(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"counted at its conversion example's shape"):
+        iq.cost.profile(dq, torch.randn(1, 3, 64, 64))
+    wrapped = torch.nn.Sequential(torch.nn.Identity(), dq)
+    with pytest.raises(ValueError, match="profile the quantized model itself"):
+        iq.cost.profile(wrapped, torch.randn(1, 3, 32, 32))
+
+
+def test_exclude_as_one_string_and_unmatched_patterns():
+    qs = iq.static(iq.models.resnet20(), "pact", 4, torch.randn(*X32), exclude="layer3*")
+    fp_layers = {i.name for i in qs.layers if i.role == "fp"}
+    assert fp_layers == {"conv1", "fc"} | {i.name for i in qs.layers if i.name.startswith("layer3")}
+    assert iq.DynamicSpec(exclude="layer3.2.conv2").exclude == ("layer3.2.conv2",)
+    with pytest.raises(ValueError, match="exclude pattern 'layer9.*' matches no Conv2d/Linear"):
+        iq.static(iq.models.resnet20(), "pact", 4, torch.randn(*X32), exclude=["layer9.*"])
+
+
+def test_forced_bits_checks_values_and_nests():
+    dq = _dq().eval()
+    L, x = len(dq.dynamic_layers), torch.randn(2, 3, 32, 32)
+    for bad in (6, 3.7, "3"):
+        with pytest.raises(ValueError, match=r"outside the candidates; allowed: 3, 4, 5"):
+            with dq.forced_bits([bad] * L):
+                pass
+    with torch.no_grad(), dq.forced_bits([5] * L):
+        with dq.forced_bits([3.0] * L):  # whole floats, as in last.bits_w, are fine
+            dq(x)
+            assert (dq.last.bits_w == 3).all()
+        dq(x)
+        assert (dq.last.bits_w == 5).all(), "the outer forced bits apply again"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(hidden=0), "hidden must be a positive integer, got 0"),
+        (dict(hidden=2.5), "hidden must be a positive integer, got 2.5"),
+        (dict(budget="bitops"), "budget must be an instaquant.Budget"),
+        (dict(bits=4), r"bits must be a tuple of candidates, e.g. \(4,\)"),
+        (dict(tau=float("nan")), "tau must be a finite number > 0, got nan"),
+        (dict(tau="1"), "tau must be a finite number > 0, got '1'"),
+        (dict(tau_final=0.0), "tau_final must be > 0, got 0.0"),
+    ],
+)
+def test_dynamic_spec_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        iq.DynamicSpec(**kwargs)
+
+
+def test_budget_temperature_and_signed_arguments_are_checked():
+    for kwargs, message in (
+        (dict(weight=float("nan")), "budget.weight must be finite, got nan"),
+        (dict(target_bits="4"), "budget.target_bits must be a number, got '4'"),
+        (dict(target_bitops=float("inf")), "budget.target_bitops must be finite, got inf"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            iq.Budget(**kwargs)
+    with pytest.raises(ValueError, match="tau must be > 0, got 0"):
+        _dq().set_temperature(0)
+    with pytest.raises(ValueError, match="signed names unknown layers: nope"):
+        iq.static(iq.models.resnet20(), "pact", 4, torch.randn(*X32), signed={"nope": True})
+
+
+def test_last_is_cleared_by_a_forward_that_raises():
+    dq = _dq()
+    dq(torch.randn(4, 3, 32, 32))
+    with pytest.raises(RuntimeError), pytest.warns(UserWarning, match="example of shape"):
+        dq(torch.randn(2, 5, 32, 32))  # wrong channel count
+    assert dq.last is None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -83,8 +85,10 @@ class DynamicSpec:
     execution: str = "fast"
 
     def __post_init__(self) -> None:
+        if isinstance(self.bits, int):
+            raise ValueError(f"bits must be a tuple of candidates, e.g. ({self.bits},); got an int")
         self.bits = tuple(sorted(self.bits))
-        self.exclude = tuple(self.exclude)
+        self.exclude = patterns(self.exclude)
         _check_bits(self.bits, "bits")
         _check_method(self.method, self.bits)
         if self.fixed_bits is None:
@@ -98,12 +102,32 @@ class DynamicSpec:
             raise ValueError(
                 f"execution {self.execution!r} is not allowed; allowed: {', '.join(EXECUTIONS)}"
             )
-        if self.tau <= 0 or (self.tau_final is not None and self.tau_final <= 0):
-            raise ValueError("tau and tau_final must be > 0")
+        check_temperature(self.tau, "tau")
+        if self.tau_final is not None:
+            check_temperature(self.tau_final, "tau_final")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
+            raise ValueError(f"hidden must be a positive integer, got {self.hidden!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.budget, dict):
             self.budget = Budget(**self.budget)
+        if not isinstance(self.budget, Budget):
+            raise ValueError(
+                f"budget must be an instaquant.Budget (or a dict of its fields), got "
+                f"{type(self.budget).__name__}"
+            )
+
+
+def patterns(exclude: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``exclude`` as a tuple of glob patterns (one string is one pattern, not its letters)."""
+    return (exclude,) if isinstance(exclude, str) else tuple(exclude)
+
+
+def check_temperature(tau: float, what: str) -> None:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+        raise ValueError(f"{what} must be a finite number > 0, got {tau!r}")
+    if tau <= 0:
+        raise ValueError(f"{what} must be > 0, got {tau}")
 
 
 @dataclass
@@ -120,6 +144,11 @@ class ForwardRecord:
     bitops: Tensor
     selection: Tensor | None = None
     logits: Tensor | None = None
+
+
+def cost_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype BitOPs and mean bits are computed in: float64 for float64 work, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def default_tap(model: nn.Module) -> str:
@@ -196,6 +225,22 @@ class QuantModel(nn.Module):
 
     layers: list[LayerInfo]
     last: ForwardRecord | None
+    # One input's shape at conversion: the layers' MACs, hence every BitOPs figure, are
+    # counted at this size.
+    example_shape: tuple[int, ...] | None = None
+
+    def warn_if_other_size(self, x: Tensor) -> None:
+        """Say once that BitOPs stay those of the example's size when the input's differs."""
+        shape = tuple(x.shape[1:])
+        if self.example_shape in (None, shape) or self.__dict__.get("_size_warned"):
+            return
+        self.__dict__["_size_warned"] = True
+        warnings.warn(
+            f"input of shape {shape} but the model was converted with an example of shape "
+            f"{self.example_shape}: its BitOPs (last.bitops, budget_loss, profiles) count "
+            "the example's size; convert with an example of the size you run",
+            stacklevel=5,  # past forward and nn.Module.__call__: the caller's line
+        )
 
     def __getstate__(self) -> dict:
         # Copies and pickles leave out the latest forward's tensors (they may hold a graph).
@@ -248,11 +293,12 @@ class DynamicQuantModel(QuantModel):
         self.last = None
         self._forced: Tensor | None = None
         self._pending: Tensor | None = None
-        self.register_buffer("candidate_bits", torch.tensor(spec.bits, dtype=torch.float32))
+        # Integer cost buffers: ``.half()`` and autocast leave them exact (MACs overflow fp16).
+        self.register_buffer("candidate_bits", torch.tensor(spec.bits, dtype=torch.int64))
         static_bitops = sum(i.macs * i.bits[0] * i.bits[0] for i in layers if i.role == "static")
-        self.register_buffer("static_part_bitops", torch.tensor(float(static_bitops)))
+        self.register_buffer("static_part_bitops", torch.tensor(static_bitops, dtype=torch.int64))
         macs = [i.macs for i in layers if i.role == "dynamic"]
-        self.register_buffer("dynamic_macs", torch.tensor(macs, dtype=torch.float32))
+        self.register_buffer("dynamic_macs", torch.tensor(macs, dtype=torch.int64))
         self._dynamic_names = [i.name for i in layers if i.role == "dynamic"]
         model.get_submodule(spec.tap).register_forward_hook(self._on_tap)
 
@@ -295,8 +341,8 @@ class DynamicQuantModel(QuantModel):
     def forced_bits(self, bits_w: list[int], bits_a: list[int] | None = None):
         """Run every sample at the given bits per dynamic layer instead of the controller's choice."""
         K = len(self.spec.bits)
-        idx_w = [self.spec.bits.index(int(b)) for b in bits_w]
-        idx_a = idx_w if bits_a is None else [self.spec.bits.index(int(b)) for b in bits_a]
+        idx_w = self._candidate_indices(bits_w)
+        idx_a = idx_w if bits_a is None else self._candidate_indices(bits_a)
         if len(idx_w) != len(self._dynamic_names) or len(idx_a) != len(idx_w):
             raise ValueError(f"give one bit-width per dynamic layer ({len(self._dynamic_names)})")
         if not self.spec.separate and idx_w != idx_a:
@@ -305,15 +351,34 @@ class DynamicQuantModel(QuantModel):
         forced = eye[idx_w]
         if self.spec.separate:
             forced = torch.stack([eye[idx_w], eye[idx_a]], dim=1)
-        self._forced = forced
+        outer, self._forced = self._forced, forced
         try:
             yield self
         finally:
-            self._forced = None
+            self._forced = outer  # nested: the enclosing forced bits apply again
+
+    def _candidate_indices(self, bits: list[int]) -> list[int]:
+        """Candidate indices of bit-widths given as numbers (ints, or whole floats such as
+        the values of ``last.bits_w``); anything else is refused, not rounded."""
+        found, wrong = [], []
+        for b in bits:
+            value = None if isinstance(b, (bool, str)) else float(b)
+            if value is None or not value.is_integer() or int(value) not in self.spec.bits:
+                wrong.append(b)
+            else:
+                found.append(self.spec.bits.index(int(value)))
+        if wrong:
+            raise ValueError(
+                f"forced bits hold {wrong} outside the candidates; "
+                f"allowed: {', '.join(map(str, self.spec.bits))}"
+            )
+        return found
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        self.warn_if_other_size(x)
         self._pending = None
+        self.last = None  # a forward that raises leaves no stale record of an earlier batch
         try:
             out = self.model(x)
         finally:
@@ -327,18 +392,23 @@ class DynamicQuantModel(QuantModel):
         return out
 
     def _record(self, sel: Tensor, logits: Tensor | None) -> ForwardRecord:
+        # At least float32, and by elementwise ops (which autocast leaves alone): BitOPs of
+        # 1e8 and more are inf in float16 and coarse in bfloat16.
+        sel = sel.to(cost_dtype(sel.dtype))
         b = self.candidate_bits.to(sel.dtype)
         if self.spec.separate:
             sel_w, sel_a = sel[:, :, 0], sel[:, :, 1]
-            bits_w, bits_a = sel_w @ b, sel_a @ b
+            bits_w, bits_a = (sel_w * b).sum(-1), (sel_a * b).sum(-1)
             per_layer = bits_w * bits_a
         else:
-            bits_w = bits_a = sel @ b
-            per_layer = sel @ (b * b)  # linear in the one-hot: clean straight-through gradient
-        bitops = per_layer @ self.dynamic_macs.to(sel.dtype) + self.static_part_bitops
+            bits_w = bits_a = (sel * b).sum(-1)
+            per_layer = (sel * (b * b)).sum(-1)  # linear in the one-hot: clean STE gradient
+        macs = self.dynamic_macs.to(sel.dtype)
+        bitops = (per_layer * macs).sum(-1) + self.static_part_bitops.to(sel.dtype)
         return ForwardRecord(bits_w, bits_a, bitops, sel, logits)
 
     def set_temperature(self, tau: float) -> None:
+        check_temperature(tau, "tau")
         self.tau = float(tau)
 
     def budget_loss(self) -> Tensor:
@@ -368,19 +438,22 @@ class StaticQuantModel(QuantModel):
         self.method = method
         self.last = None
         bitops = sum(i.macs * i.bits[0] * i.bits[0] for i in layers if i.role != "fp")
-        self.register_buffer("bitops_per_sample", torch.tensor(float(bitops)))
+        # Integers, as in DynamicQuantModel: exact whatever dtype the model is cast to.
+        self.register_buffer("bitops_per_sample", torch.tensor(bitops, dtype=torch.int64))
         layer_bits = [i.bits[0] for i in self.quantized_layers]
-        self.register_buffer("layer_bits", torch.tensor(layer_bits, dtype=torch.float32))
+        self.register_buffer("layer_bits", torch.tensor(layer_bits, dtype=torch.int64))
 
     def forward(self, x: Tensor) -> Tensor:
+        self.warn_if_other_size(x)
+        self.last = None
         out = self.model(x)
-        B = x.shape[0]
-        bits = self.layer_bits.expand(B, -1)
-        self.last = ForwardRecord(bits, bits, self.bitops_per_sample.expand(B))
+        B, dtype = x.shape[0], cost_dtype(x.dtype)
+        bits = self.layer_bits.to(dtype).expand(B, -1)
+        self.last = ForwardRecord(bits, bits, self.bitops_per_sample.to(dtype).expand(B))
         return out
 
     def budget_loss(self) -> Tensor:
-        return self.bitops_per_sample.new_zeros(())
+        return torch.zeros((), device=self.bitops_per_sample.device)
 
 
 def _plan(
@@ -393,6 +466,13 @@ def _plan(
     result = probe(model, example_input, tap)
     if not result.layers:
         raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    names = [i.name for i in result.layers]
+    for pat in exclude:  # a typo would otherwise quantize the layer it meant to keep
+        if not fnmatch.filter(names, pat):
+            raise ValueError(
+                f"exclude pattern {pat!r} matches no Conv2d/Linear layer; layers are named "
+                f"like {', '.join(names[:3])}, ..."
+            )
     _assign_roles(result.layers, first_last, exclude)
     return result.layers, result.tap_shape
 
@@ -452,7 +532,10 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
         normalize=spec.controller_norm,
     )
     first = next(model.parameters())
-    return DynamicQuantModel(model, controller, spec, layers, tap_shape).to(first.device)
+    controller.to(dtype=first.dtype)  # the backbone's dtype, so its features feed it directly
+    result = DynamicQuantModel(model, controller, spec, layers, tap_shape).to(first.device)
+    result.example_shape = tuple(example_input.shape[1:])
+    return result
 
 
 def static(
@@ -473,8 +556,11 @@ def static(
             f"first_last {first_last!r} is not allowed; allowed: {', '.join(FIRST_LAST)}"
         )
     model = copy.deepcopy(model)
-    layers, _ = _plan(model, example_input, None, first_last, tuple(exclude))
+    layers, _ = _plan(model, example_input, None, first_last, patterns(exclude))
     signed = signed or {}
+    unknown = set(signed) - {i.name for i in layers}
+    if unknown:
+        raise ValueError(f"signed names unknown layers: {', '.join(sorted(unknown))}")
     for info in layers:
         if info.role == "fp":
             continue
@@ -482,4 +568,6 @@ def static(
         info.bits = info.bits or (bits,)
         info.input_negative = signed.get(info.name, info.input_negative)
         _swap(model, info, method, info.bits, info.input_negative, share=share)
-    return StaticQuantModel(model, layers, bits, method)
+    result = StaticQuantModel(model, layers, bits, method)
+    result.example_shape = tuple(example_input.shape[1:])
+    return result

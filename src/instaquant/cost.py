@@ -7,6 +7,7 @@ are not counted in BitOPs; their MACs are reported separately.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,14 @@ class Budget:
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
             raise ValueError(f"budget.kind {self.kind!r} is not allowed; allowed: bitops, bits")
+        for name in ("target_bits", "target_bitops", "weight"):
+            value = getattr(self, name)
+            if value is None and name != "weight":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"budget.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"budget.{name} must be finite, got {value}")
         if self.target_bitops is not None and self.kind == "bitops":
             self.target_bits = None
         if (self.target_bits is None) == (self.target_bitops is None):
@@ -226,7 +235,19 @@ def profile(model: nn.Module, example_input: Tensor) -> Profile:
     """
     describe = getattr(model, "describe_layers", None)
     if describe is not None:
+        shape = getattr(model, "example_shape", None)
+        if shape is not None and tuple(example_input.shape[1:]) != shape:
+            raise ValueError(
+                f"the model's costs were counted at its conversion example's shape {shape}, "
+                f"not {tuple(example_input.shape[1:])}; convert with an example of that size"
+            )
         return describe()
+    inner = next((m for m in model.modules() if hasattr(m, "describe_layers")), None)
+    if inner is not None:  # its layers would be probed as plain fp layers
+        raise ValueError(
+            f"profile the quantized model itself (a {type(inner).__name__} inside this "
+            f"{type(model).__name__}), not a module that wraps it"
+        )
     result = probe(model, example_input)
     for info in result.layers:
         info.role = "fp"

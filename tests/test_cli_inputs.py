@@ -1,6 +1,7 @@
 """Command-line input handling: where overrides may sit, and bad input as one-line errors."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -266,3 +267,38 @@ def test_compare_plot_under_a_file(tmp_path, capsys):
         f"instaquant: error: --plot folder {str(blocker)!r}: {str(blocker)!r} is a file; "
         "give a folder path"
     )
+
+
+def test_compare_plots_around_runs_it_cannot_place(tmp_path, capsys):
+    """A run left off the common scale is left off the plot too, which used to crash on it."""
+    a = _summary(tmp_path / "a.json", _entry("s4", "static", [4], 4, None, 1.0))
+    b = _summary(tmp_path / "b.json", _entry("s3", "static", [3], 3, None, 1.0))
+    png = tmp_path / "cmp.png"
+    assert main(["compare", a, b, "--plot", str(png)]) == 0
+    assert "Not shown for 's3'" in capsys.readouterr().out and png.stat().st_size > 0
+
+
+def test_common_reference_names_the_base_run_when_models_differ():
+    """Same reference bits but different models: the rescaled figures are not each run's own."""
+    runs = [
+        _entry("small", "static", [4], 4, 1000.0, 1.0),
+        _entry("large", "static", [4], 4, 3000.0, 1.0),
+    ]
+    rebased, line = common_reference(runs)
+    assert [r["bitops_rel"] for r in rebased] == [1.0, 3.0]
+    assert line == (
+        "BitOPs relative to the static 4-bit model of the first quantized run "
+        "('small', 1000 BitOPs per image)."
+    )
+
+
+def test_output_folder_behind_an_unsearchable_parent(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root searches every folder")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o000)
+    try:
+        assert main(["demo", "--out", str(locked / "inner" / "out")]) == 2
+    finally:
+        locked.chmod(0o700)
+    assert "cannot be reached (Permission denied)" in capsys.readouterr().err

@@ -455,3 +455,18 @@ def test_last_is_cleared_by_a_forward_that_raises():
     with pytest.raises(RuntimeError), pytest.warns(UserWarning, match="example of shape"):
         dq(torch.randn(2, 5, 32, 32))  # wrong channel count
     assert dq.last is None
+
+
+def test_exclude_by_an_alias_keeps_the_layer_full_precision():
+    model = _Aliased()
+    spec = iq.DynamicSpec(
+        method="pact",
+        bits=(2, 8),
+        tap="stage",
+        exclude=("alias",),
+        first_last="quantize",
+        budget=iq.Budget(kind="bits", target_bits=8),
+    )
+    dq = iq.dynamic(model, spec, example_input=torch.randn(1, 3, 8, 8))
+    assert type(dq.model.alias) is torch.nn.Conv2d and dq.model.alias is dq.model.body
+    assert {i.name: i.role for i in dq.layers}["body"] == "fp"

@@ -237,3 +237,13 @@ def test_decode_bars_stay_out_of_redirected_stderr(tmp_path, capsys, kw):
     train, _, _ = build_loaders(cfg, seed=0, device="cpu", **kw)
     assert len(train.data) == 18  # the images were decoded, not read from a cache
     assert capsys.readouterr().err == ""
+
+
+def test_dangling_link_in_a_cached_image_folder_is_skipped(tmp_path):
+    make_image_folder(tmp_path / "f")
+    (tmp_path / "f" / "train" / "cat" / "00_gone.png").symlink_to(tmp_path / "nowhere.png")
+    cfg = _folder_cfg(tmp_path / "f", tmp_path / "c")
+    cfg.cache = "yes"
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image files"):
+        train, _, _ = build_loaders(cfg, 0, "cpu", progress=False)
+    assert sum(len(y) for _, y in train) > 0

@@ -287,3 +287,15 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
     with pytest.raises(RuntimeError, match=r"only \d+ GPU\(s\) are visible.*device=cpu"):
         distributed.setup("cuda")
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    """Results written atomically get the usual permissions, not the temporary file's 0600."""
+    previous = os.umask(0o022)
+    try:
+        atomic_save("{}", tmp_path / "summary.json")
+        atomic_save({"x": 1}, tmp_path / "last.pt")
+    finally:
+        os.umask(previous)
+    for name in ("summary.json", "last.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

@@ -95,7 +95,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _make_dir(path: Path, what: str) -> None:
     """Create an output folder up front, so that a path that cannot be one fails in one line
     before any work is done."""
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as err:  # a parent that may not be searched
+        raise UserError(
+            f"{what} {str(path)!r} cannot be reached ({err.strerror}); give a writable folder path"
+        ) from None
     if not existing.is_dir():
         raise UserError(f"{what} {str(path)!r}: {str(existing)!r} is a file; give a folder path")
     try:

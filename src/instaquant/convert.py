@@ -179,7 +179,8 @@ def _assign_roles(
             info.bits = (8,) if first_last == "8bit" else ()
             info.pinned_bits = 8 if first_last == "8bit" else None
     for info in layers:  # last: an excluded layer stays full precision whatever else applies
-        if any(fnmatch.fnmatch(info.name, pat) for pat in exclude):
+        names = (info.name, *info.aliases)  # a layer held under several names, by any of them
+        if any(fnmatch.fnmatch(n, pat) for n in names for pat in exclude):
             info.role, info.bits, info.pinned_bits = "fp", (), None
 
 
@@ -466,7 +467,7 @@ def _plan(
     result = probe(model, example_input, tap)
     if not result.layers:
         raise ValueError("the model has no Conv2d or Linear layer to quantize")
-    names = [i.name for i in result.layers]
+    names = [n for i in result.layers for n in (i.name, *i.aliases)]
     for pat in exclude:  # a typo would otherwise quantize the layer it meant to keep
         if not fnmatch.filter(names, pat):
             raise ValueError(

@@ -36,6 +36,7 @@ class LayerInfo:
     role: str = "dynamic"  # "fp", "static" or "dynamic"
     bits: tuple[int, ...] = ()
     pinned_bits: int | None = None  # fixed whatever the reference (first/last layer at 8 bits)
+    aliases: tuple[str, ...] = ()  # other attribute paths holding the same module
 
 
 @dataclass
@@ -64,6 +65,9 @@ def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> Pr
     tap_shape: list[tuple[int, ...]] = []
     handles = []
     modules = dict(model.named_modules())
+    names_of: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), []).append(name)
     if tap is not None:
         try:
             tap_module = model.get_submodule(tap)  # any of its names, if it has several
@@ -87,6 +91,7 @@ def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> Pr
                 input_negative=bool((x < 0).any()),
                 order=len(order),
                 before_tap=not tap_shape and tap is not None,
+                aliases=tuple(n for n in names_of[id(module)] if n != name),
             )
             order.append(name)
 

@@ -375,9 +375,13 @@ def _cache_path(cfg: DataConfig, split: Path, size: int, items: list[tuple[str, 
     root = Path(cfg.cache_dir or Path.home() / ".cache" / "instaquant")
     digest = hashlib.sha1(f"{split.resolve()}|{size}".encode())
     for path, label in items:
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:  # a dangling link, a file gone since the scan: the decode skips it
+            stamp = "missing"
         rel = os.path.relpath(path, split)
-        digest.update(f"\n{rel}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+        digest.update(f"\n{rel}|{label}|{stamp}".encode())
     return root / f"imagefolder-{digest.hexdigest()[:16]}.pt"
 
 

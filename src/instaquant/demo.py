@@ -92,7 +92,18 @@ def common_reference(runs: list[dict]) -> tuple[list[dict], str]:
                 dropped.append(r["name"])
             r["reference_bits"] = ref_bits
         out.append(r)
-    shared = {r.get("reference_bits") for r in runs if r["recipe"] != "fp"} == {ref_bits}
+    # One reference for all only if every quantized run had the same bits and the same model.
+    refs = {
+        (
+            r.get("reference_bits"),
+            round(r["bitops_mean"] / r["bitops_rel"])
+            if r.get("bitops_mean") and r.get("bitops_rel")
+            else None,
+        )
+        for r in runs
+        if r["recipe"] != "fp"
+    }
+    shared = len(refs) == 1
     line = f"BitOPs relative to the static {ref_bits}-bit model"
     if shared:
         line += "."

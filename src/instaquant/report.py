@@ -79,6 +79,8 @@ def plot_accuracy_vs_bitops(
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     by_method: dict[str, list[dict]] = {}
     for run in runs:
+        if run["recipe"] != "fp" and run.get("bitops_rel") is None:
+            continue  # no BitOPs on this plot's scale (see demo.common_reference)
         if run["recipe"] == "fp":
             ax.axhline(run["top1"], color="grey", ls="--", lw=1, label="full precision")
         elif run["recipe"] == "static":
@@ -476,13 +478,17 @@ def _swap_in(new: Path, out: Path) -> None:
         out.rename(old / out.name)
     try:
         new.rename(out)
-    except OSError:
+    except BaseException:  # Ctrl-C included: put the previous report back
         if old is not None:
             (old / out.name).rename(out)
             old.rmdir()
         raise
     if old is not None:
-        shutil.rmtree(old)
+        try:
+            shutil.rmtree(old)
+        except BaseException:  # interrupted: still leave no stray folder behind
+            shutil.rmtree(old, ignore_errors=True)
+            raise
 
 
 def write_report(

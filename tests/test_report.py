@@ -476,3 +476,16 @@ def test_comparison_leaves_out_runs_on_another_image_folder(folder_runs):
     # stB and fpB (same model, dataset name "imagefolder", but folder B) are left out.
     assert [r["name"] for r in data["comparison"]] == ["stA", "fpA"]
     assert f"(digits_net on imagefolder {roots['A']})" in paths["md"].read_text()
+
+
+def test_comparison_keeps_neighbours_when_the_folder_was_moved(folder_runs, tmp_path):
+    """``data.root=`` pointing at a moved copy applies to the analysed run; its neighbours'
+    configs still name the old place, which is the place this run was trained on."""
+    runs, roots = folder_runs
+    moved = tmp_path / "A_moved"
+    shutil.copytree(roots["A"], moved)
+    work = tmp_path / "runs"
+    shutil.copytree(runs, work)
+    paths = write_report(work / "stA", overrides=[f"data.root={moved}"], progress=False)
+    data = json.loads(paths["json"].read_text())
+    assert [r["name"] for r in data["comparison"]] == ["stA", "fpA"]

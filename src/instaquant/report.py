@@ -416,6 +416,13 @@ def related_runs(run_dir: Path, a: Analysis) -> list[dict]:
         )
     run_dir = run_dir.resolve()
     seen = {run_dir}
+    # The data as analysed (after overrides such as a moved data.root) and as the run was
+    # trained on, which is what the neighbours' own configs can be compared with.
+    ours = {(a.dataset, a.data_root)}
+    try:
+        ours.add(data_identity(load_config(run_dir / "config.yaml")))
+    except (OSError, ValueError, UserError):
+        pass
     for d in sorted(p.resolve() for p in run_dir.parent.iterdir() if p.is_dir()):
         if d in seen or not (d / "summary.json").is_file():
             continue
@@ -423,7 +430,7 @@ def related_runs(run_dir: Path, a: Analysis) -> list[dict]:
         try:
             runs = json.loads((d / "summary.json").read_text())["runs"]
             # summary.json names only the dataset; an image folder is told apart by its root.
-            same_data = data_identity(load_config(d / "config.yaml")) == (a.dataset, a.data_root)
+            same_data = data_identity(load_config(d / "config.yaml")) in ours
         except (ValueError, KeyError, TypeError, UserError):
             continue  # a half-written or foreign run: leave it out of the plot
         if not same_data:

@@ -213,11 +213,10 @@ def _swap(
         cls = QConv2d if info.op == "conv" else QLinear
         new = cls.from_float(old, method, bits[0], signed, **kw)
     new.train(old.training)
-    # Every attribute holding the layer gets the quantized one, so that whichever name the
-    # forward calls it by runs quantized.
-    for name, module in root.named_modules(remove_duplicate=False):
-        if module is old:
-            _set_module(root, name, new)
+    # Every attribute holding the layer (the probe found them all) gets the quantized one,
+    # so that whichever name the forward calls it by runs quantized.
+    for name in (info.name, *info.aliases):
+        _set_module(root, name, new)
     return new
 
 

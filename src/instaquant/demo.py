@@ -79,8 +79,7 @@ def common_reference(runs: list[dict]) -> tuple[list[dict], str]:
     base = next((r for r in runs if r["recipe"] != "fp" and r.get("bitops_rel")), None)
     if base is None:
         return runs, "No quantized runs: BitOPs apply to quantized models only."
-    ref_bits = base.get("reference_bits")
-    ref_bitops = base["bitops_mean"] / base["bitops_rel"] if base.get("bitops_mean") else None
+    ref_bits, ref_bitops = _reference_of(base)
     out, dropped = [], []
     for r in runs:
         r = dict(r)
@@ -93,17 +92,7 @@ def common_reference(runs: list[dict]) -> tuple[list[dict], str]:
             r["reference_bits"] = ref_bits
         out.append(r)
     # One reference for all only if every quantized run had the same bits and the same model.
-    refs = {
-        (
-            r.get("reference_bits"),
-            round(r["bitops_mean"] / r["bitops_rel"])
-            if r.get("bitops_mean") and r.get("bitops_rel")
-            else None,
-        )
-        for r in runs
-        if r["recipe"] != "fp"
-    }
-    shared = len(refs) == 1
+    shared = len({_reference_of(r) for r in runs if r["recipe"] != "fp"}) == 1
     line = f"BitOPs relative to the static {ref_bits}-bit model"
     if shared:
         line += "."
@@ -116,6 +105,15 @@ def common_reference(runs: list[dict]) -> tuple[list[dict], str]:
             " and no absolute BitOPs in the summary to convert."
         )
     return out, line
+
+
+def _reference_of(run: dict) -> tuple[int | None, float | None]:
+    """A summary entry's reference: its bit-width and, when the entry allows, its BitOPs (a
+    whole number for a static model; rounded so that the ratio's float error does not count)."""
+    known = run.get("bitops_mean") and run.get("bitops_rel")
+    return run.get("reference_bits"), (
+        round(run["bitops_mean"] / run["bitops_rel"]) if known else None
+    )
 
 
 def format_table(runs: list[dict]) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from instaquant import config as config_mod
+from instaquant.checkpoint import load_checkpoint
 from instaquant.demo import format_table
 from instaquant.engine import fit
 from instaquant.report import plot_accuracy_vs_bitops
@@ -38,11 +39,20 @@ SCHEDULES: dict[str, dict[str, Any]] = {
         "fp": {"epochs": 15, "optim": {"lr": 0.2, "schedule": "onecycle", "weight_decay": 5e-4}},
         "qat": {"epochs": 2, "optim": {"lr": 0.01, "schedule": "cosine", "weight_decay": 1e-4}},
     },
+    # From a given full-precision model (--fp-init): QAT long enough for the controller to
+    # learn; the main PACT table takes about 100 min on 2 CPU cores.
+    "learn": {
+        "fp": None,
+        "qat": {"epochs": 6, "optim": {"lr": 0.01, "schedule": "cosine", "weight_decay": 1e-4}},
+    },
     "paper": {
         "fp": {"epochs": 200, "optim": {"lr": 0.1, "schedule": "cosine", "weight_decay": 1e-4}},
         "qat": {"epochs": 90, "optim": {"lr": 0.01, "schedule": "cosine", "weight_decay": 1e-4}},
     },
 }
+
+
+STATIC_BITS = (3, 4, 2, 5)  # the two the targets compare with first
 
 
 def extract(archive: Path, data_dir: Path) -> Path:
@@ -60,22 +70,36 @@ def extract(archive: Path, data_dir: Path) -> Path:
     raise SystemExit(f"no train/ folder found under {data_dir}")
 
 
-def plan(root: Path, out: Path, schedule: str, methods: list[str], limit: int | None) -> list[dict]:
-    """Config dicts of every run, in the order they must run."""
+def plan(
+    root: Path,
+    out: Path,
+    schedule: str,
+    methods: list[str],
+    limit: int | None,
+    fp_init: Path | None = None,
+) -> list[dict]:
+    """Config dicts of every run, in the order they must run.
+
+    With ``fp_init`` (a full-precision ResNet-20 checkpoint of ours) there is no fp run:
+    every quantized run starts from that model.
+    """
     sched = SCHEDULES[schedule]
     data = {"name": "imagefolder", "root": str(root), "image_size": 32, "batch_size": 128}
     if limit:
         data["limit"] = limit
-    fp_dir = out / "fp"
 
     def run(name: str, **kw: Any) -> dict:
         return {"name": name, "out": str(out / name), "seed": 0, "data": data, **kw}
 
-    runs = [run("fp", recipe="fp", model={"name": "resnet20"}, **sched["fp"])]
-    init = {"name": "resnet20", "init": str(fp_dir)}
+    runs = []
+    if fp_init is None:
+        if sched["fp"] is None:
+            raise SystemExit(f"the {schedule!r} schedule starts from --fp-init PATH: give one")
+        runs.append(run("fp", recipe="fp", model={"name": "resnet20"}, **sched["fp"]))
+    init = {"name": "resnet20", "init": str(fp_init or out / "fp")}
     # All static runs first, then DQ: the baselines are complete before the longer runs.
     for method in methods:
-        for bits in (3, 4, 5):
+        for bits in STATIC_BITS:
             runs.append(
                 run(
                     f"{method}_static{bits}",
@@ -148,16 +172,32 @@ def run_all(raws: list[dict], progress: bool) -> list[dict]:
     return entries
 
 
+def fp_entry(path: Path) -> dict:
+    """The table's full-precision row from the checkpoint the quantized runs started from."""
+    ckpt = load_checkpoint(path)
+    top1 = ckpt["metrics"].get("test_top1")
+    return {"name": "fp", "recipe": "fp", "bits": None, "top1": top1, "init": str(path)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true", help="short schedule for 2 CPU cores")
+    mode.add_argument(
+        "--learn", action="store_true", help="6 QAT epochs from --fp-init (about 100 min, PACT)"
+    )
     mode.add_argument("--paper", action="store_true", help="full schedules (GPU)")
     p.add_argument("--archive", type=Path, default=REPO.parent / "shared/data/cifar10-jpeg.tar.gz")
     p.add_argument("--data-dir", type=Path, default=Path.home() / ".cache/instaquant/cifar10-jpeg")
     p.add_argument("--root", type=Path, help="an extracted train/ + test/ folder")
     p.add_argument("--out", type=Path, default=Path("runs/reproduce_cifar10"))
-    p.add_argument("--methods", nargs="+", default=["dorefa", "pact"])
+    p.add_argument("--methods", nargs="+", help="default: pact with --learn, else dorefa pact")
+    p.add_argument(
+        "--fp-init",
+        type=Path,
+        help="a full-precision ResNet-20 checkpoint (run folder or .pt) to start every "
+        "quantized run from, instead of training one",
+    )
     p.add_argument("--limit", type=int, help="images per split (smoke tests)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument(
@@ -166,15 +206,20 @@ def main() -> None:
         help="then PACT runs testing why DQ loses on the schedule (shared α, twice the epochs)",
     )
     args = p.parse_args()
+    args.methods = args.methods or (["pact"] if args.learn else ["dorefa", "pact"])
+    if args.learn and args.fp_init is None:
+        p.error("--learn starts from a trained full-precision model: give --fp-init PATH")
     if args.ablations and "pact" not in args.methods:
         # Checked before the main runs, not after hours of training.
         p.error("--ablations varies the PACT runs: include pact in --methods")
 
-    schedule = "quick" if args.quick else "paper"
+    schedule = "quick" if args.quick else "learn" if args.learn else "paper"
     root = args.root or extract(args.archive, args.data_dir)
     t0 = time.time()
-    runs = plan(root, args.out, schedule, args.methods, args.limit)
+    runs = plan(root, args.out, schedule, args.methods, args.limit, args.fp_init)
     entries = run_all(runs, args.progress)
+    if args.fp_init is not None:
+        entries.insert(0, fp_entry(args.fp_init))
     wall = time.time() - t0
     table = format_table(entries)
     print(table)

@@ -32,14 +32,14 @@ def make_image_folder(
 # --------------------------------------------------------------------------- dynamic models
 
 
-def dynamic_resnet20(method="pact", separate=False, bias=None, device="cpu"):
+def dynamic_resnet20(method="pact", separate=False, bias=None, device="cpu", **spec_kw):
     """A float64 dynamic ResNet-20 (candidates 3, 4, 5 bits) whose controller splits a batch.
 
     Its controller weights are scaled up so that samples choose differently; with ``bias``
     (one logit per candidate) one candidate is far ahead and every sample picks it.
     """
     fp = iq.models.resnet20(num_classes=10)
-    spec = iq.DynamicSpec(method=method, bits=(3, 4, 5), separate=separate)
+    spec = iq.DynamicSpec(method=method, bits=(3, 4, 5), separate=separate, **spec_kw)
     model = iq.dynamic(fp, spec, example_input=torch.randn(1, 3, 16, 16)).double()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

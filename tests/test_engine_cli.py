@@ -57,6 +57,13 @@ def test_quantized_recipes_from_fp_init_and_exact_eval(tmp_path, fp_run, recipe,
         torch.testing.assert_close(
             fractions.sum(-1), torch.ones(fractions.shape[0]), atol=1e-9, rtol=0
         )
+        room = entry["headroom"]  # measured on the test set at the end of training
+        assert room["controller_top1"] == pytest.approx(entry["top1"], abs=1e-9)
+        assert room["controller_bitops_rel"] == pytest.approx(entry["bitops_rel"], abs=1e-9)
+        assert room["oracle_top1"] >= max(room["uniform_top1"])
+        assert room["rho_fp_loss"] is None or -1 <= room["rho_fp_loss"] <= 1  # model.init given
+    else:
+        assert "headroom" not in entry
     for name in ("last.pt", "best.pt"):
         ckpt_cfg, model, extra = load_for_eval(tmp_path / recipe / name)
         recorded = extra["ckpt"]["metrics"]["test_top1"]

@@ -12,6 +12,7 @@ from .convert import (
 )
 from .cost import Budget
 from .layers import DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
+from .losses import distillation_loss
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "QLinear",
     "StaticQuantModel",
     "cost",
+    "distillation_loss",
     "dynamic",
     "models",
     "quant",

@@ -11,7 +11,6 @@ quantile) are plain functions of those tensors.
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from .config import Config, UserError
 from .convert import DynamicQuantModel, QuantModel
 from .cost import BITOPS_CONVENTION
+from .stats import rankdata, spearman
 
 CHECKPOINTS = ("last", "best")
 
@@ -100,42 +100,6 @@ class Analysis:
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def rankdata(x: Tensor) -> Tensor:
-    """1-based ranks of a 1-D tensor; tied values get the average of the ranks they span."""
-    x = x.detach().double().flatten().cpu()
-    if torch.isnan(x).any():
-        raise ValueError("cannot rank NaN values")
-    n = x.numel()
-    if n == 0:
-        return x
-    order = torch.argsort(x, stable=True)
-    xs = x[order]
-    starts = torch.ones(n, dtype=torch.bool)
-    starts[1:] = xs[1:] != xs[:-1]
-    group = torch.cumsum(starts.long(), 0) - 1
-    positions = torch.arange(1, n + 1, dtype=torch.float64)
-    sums = torch.zeros(int(group[-1]) + 1, dtype=torch.float64).index_add_(0, group, positions)
-    mean_rank = sums / torch.bincount(group).double()
-    ranks = torch.empty(n, dtype=torch.float64)
-    ranks[order] = mean_rank[group]
-    return ranks
-
-
-def spearman(x: Tensor, y: Tensor) -> float:
-    """Spearman's rank correlation (Pearson correlation of average ranks).
-
-    NaN when either input is constant or has fewer than two values: no ordering to correlate.
-    """
-    if x.numel() != y.numel():
-        raise ValueError(f"spearman needs equal lengths, got {x.numel()} and {y.numel()}")
-    if x.numel() < 2:
-        return math.nan
-    rx, ry = rankdata(x), rankdata(y)
-    dx, dy = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
-    return math.nan if denom == 0 else float((dx * dy).sum()) / denom
 
 
 def candidate_usage(a: Analysis) -> Tensor:

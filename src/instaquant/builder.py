@@ -62,6 +62,9 @@ def spec_from_config(cfg: Config, signed: dict[str, bool] | None = None) -> Dyna
         hidden=q.hidden,
         dropout=q.dropout,
         controller_norm=q.controller_norm,
+        controller_grid=q.controller_grid,
+        controller_stats=q.controller_stats,
+        candidate_bn=q.candidate_bn,
         tau=q.tau,
         tau_final=q.tau_final,
         sample_in_eval=q.sample_in_eval,
@@ -114,6 +117,15 @@ def build_model(
     return dynamic(fp, spec_from_config(cfg, signed), example)
 
 
+def init_model(cfg: Config, info: DatasetInfo, device: torch.device) -> nn.Module | None:
+    """The full-precision model a quantized run started from (``model.init``), or None."""
+    if not cfg.model.init or cfg.recipe == "fp":
+        return None
+    fp = models.get(cfg.model.name, info.num_classes, in_channels=info.in_channels).to(device)
+    _load_init(fp, cfg)
+    return fp
+
+
 def _check_input_fits(model: nn.Module, example: Tensor, name: str) -> None:
     """Fail early, in one line, when the data's images cannot go through the model."""
     was_training = model.training
@@ -158,7 +170,10 @@ def load_for_eval(
 
 def epoch_temperature(cfg: Config, epoch: int) -> float | None:
     """The annealed controller temperature of (0-based) ``epoch``, or ``None`` without
-    annealing (``quant.tau_final`` unset)."""
+    annealing (``quant.tau_final`` unset). Annealing spans the epochs after the random-choice
+    warm-up (``quant.random_epochs``), when the controller trains."""
     if cfg.quant.tau_final is None:
         return None
-    return annealed_tau(cfg.quant.tau, cfg.quant.tau_final, epoch / max(cfg.epochs - 1, 1))
+    start = cfg.quant.random_epochs
+    progress = max(epoch - start, 0) / max(cfg.epochs - 1 - start, 1)
+    return annealed_tau(cfg.quant.tau, cfg.quant.tau_final, progress)

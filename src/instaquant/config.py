@@ -67,6 +67,10 @@ class QuantConfig:
     hidden: int = 128
     dropout: float = 0.1
     controller_norm: bool = True
+    controller_grid: int = 1  # tap averaged over grid x grid cells (1: global pooling)
+    controller_stats: bool = False  # + per-channel std and gradient energy of the tap
+    candidate_bn: bool = False  # one BatchNorm per candidate after each dynamic conv
+    random_epochs: int = 0  # first epochs: random candidates per image, controller frozen
     tau: float = 1.0
     tau_final: float | None = None
     sample_in_eval: bool = False
@@ -79,6 +83,16 @@ class BudgetConfig:
     target_bits: float | None = 4.0
     target_bitops: float | None = None
     weight: float = 1.0
+
+
+DISTILL_TEACHERS = ("none", "fp", "highest")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "none"  # none | fp (the model.init network) | highest (top candidate)
+    weight: float = 1.0  # of the distillation term added to the loss
+    temperature: float = 1.0
 
 
 @dataclass
@@ -108,6 +122,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -292,6 +307,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'data.workers': {cfg.data.workers} must be >= 0 "
             "(0 loads in the main process)"
+        )
+    _one_of("distill.teacher", cfg.distill.teacher, DISTILL_TEACHERS)
+    if cfg.distill.teacher != "none":
+        if cfg.recipe == "fp":
+            raise ConfigError("config key 'distill.teacher': an fp run has nothing to distil into")
+        if cfg.distill.teacher == "fp" and not cfg.model.init:
+            raise ConfigError(
+                "config key 'distill.teacher': 'fp' distils from the model.init network; "
+                "set model.init to a full-precision run"
+            )
+        if cfg.distill.teacher == "highest" and cfg.recipe != "dynamic":
+            raise ConfigError(
+                "config key 'distill.teacher': 'highest' needs recipe dynamic (candidates)"
+            )
+        if cfg.distill.weight < 0 or cfg.distill.temperature <= 0:
+            raise ConfigError(
+                "config keys 'distill.weight' (>= 0) and 'distill.temperature' (> 0): got "
+                f"{cfg.distill.weight} and {cfg.distill.temperature}"
+            )
+    if not 0 <= cfg.quant.random_epochs < cfg.epochs or (
+        cfg.quant.random_epochs and cfg.recipe != "dynamic"
+    ):
+        raise ConfigError(
+            f"config key 'quant.random_epochs': {cfg.quant.random_epochs} must be in "
+            f"0..epochs-1 ({cfg.epochs - 1}), and needs recipe dynamic when above 0"
         )
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr': {cfg.optim.lr} must be > 0")

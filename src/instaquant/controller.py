@@ -14,6 +14,12 @@ class BitController(nn.Module):
     (index 0 weights, 1 activations). Adaptive pooling makes it independent of the
     input resolution.
 
+    Input features of a ``[B, C, H, W]`` tap: the average over a ``grid × grid`` layout of
+    cells (``grid=1``: global pooling, C features; the official code pools ImageNet's layer1
+    to 8x8), and with ``stats`` two per-channel statistics that pooling averages away: the
+    standard deviation over positions and the gradient energy (mean absolute difference of
+    neighbouring positions, a measure of fine detail). ``in_channels`` is C.
+
     ``normalize`` standardizes the pooled features (batch norm without affine, running
     statistics in evaluation). Pooled features of different images share a large
     common part; without it the per-image differences are tiny next to the
@@ -22,19 +28,23 @@ class BitController(nn.Module):
 
     def __init__(
         self,
-        in_features: int,
+        in_channels: int,
         num_layers: int,
         num_candidates: int,
         hidden: int = 128,
         dropout: float = 0.1,
         separate: bool = False,
         normalize: bool = True,
+        grid: int = 1,
+        stats: bool = False,
     ) -> None:
         super().__init__()
         self.num_layers = num_layers
         self.num_candidates = num_candidates
         self.separate = separate
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.stats = stats
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        in_features = in_channels * grid * grid + (2 * in_channels if stats else 0)
         self.norm = nn.BatchNorm1d(in_features, affine=False) if normalize else None
         self.fc1 = nn.Linear(in_features, hidden)
         self.dropout = nn.Dropout(dropout)
@@ -44,10 +54,26 @@ class BitController(nn.Module):
         nn.init.normal_(self.fc2.weight, std=0.01)
         nn.init.zeros_(self.fc2.bias)
 
+    @property
+    def ops_per_input_element(self) -> int:
+        """Adds per tap element for the pooling (1) and the statistics (2 each, as counted
+        in the controller's MACs)."""
+        return 1 + (4 if self.stats else 0)
+
+    def features(self, tap: Tensor) -> Tensor:
+        """The flat input features ``[B, F]`` of a tap output."""
+        if tap.dim() != 4:
+            return torch.flatten(tap, 1)
+        parts = [torch.flatten(self.pool(tap), 1)]
+        if self.stats:
+            parts.append(tap.flatten(2).std(dim=2, correction=0))
+            dx = (tap[..., :, 1:] - tap[..., :, :-1]).abs().mean(dim=(2, 3))
+            dy = (tap[..., 1:, :] - tap[..., :-1, :]).abs().mean(dim=(2, 3))
+            parts.append(dx + dy)
+        return torch.cat(parts, 1)
+
     def forward(self, features: Tensor) -> Tensor:
-        if features.dim() == 4:
-            features = self.pool(features)
-        h = torch.flatten(features, 1)
+        h = self.features(features)
         if self.norm is not None:
             # A single image has no batch statistics: use the running ones.
             use_batch = self.training and h.shape[0] > 1

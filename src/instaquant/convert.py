@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .controller import BitController, select
@@ -24,6 +25,7 @@ from .cost import BITOPS_CONVENTION, Budget, LayerInfo, Profile, bitops_at, cont
 from .layers import EXECUTIONS, DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
 from .quant.methods import METHODS, min_bits
 from .routing import RoutePlan, choice_keys, plan_layers
+from .switchable_bn import find_following_bns, swap_switchable_bns
 
 FIRST_LAST = ("fp", "8bit", "quantize")
 
@@ -61,6 +63,12 @@ class DynamicSpec:
     for all candidates. signed: per-layer override of the signed-activation detection.
     hidden, dropout, controller_norm: the controller's width, dropout and whether it
     standardizes its pooled input features (see :class:`BitController`).
+    controller_grid, controller_stats: the controller's input, the tap averaged over a
+    grid of cells (1: global pooling) and, with stats, each channel's standard deviation and
+    gradient energy (see :class:`BitController`).
+    candidate_bn: each BatchNorm that reads a dynamic conv's output keeps one copy (running
+    statistics and affine parameters) per candidate, and each image is normalized by the copy
+    of the candidate its layer chose (switchable BN; joint choices only).
     tau, tau_final: Gumbel temperature (annealed by the trainer when tau_final is set).
     sample_in_eval: Gumbel sampling also in evaluation (official-code behaviour).
     execution: ``fast`` (routed inference) or ``reference`` (mixture over all branches).
@@ -79,6 +87,9 @@ class DynamicSpec:
     hidden: int = 128
     dropout: float = 0.1
     controller_norm: bool = True
+    controller_grid: int = 1
+    controller_stats: bool = False
+    candidate_bn: bool = False
     tau: float = 1.0
     tau_final: float | None = None
     sample_in_eval: bool = False
@@ -107,6 +118,13 @@ class DynamicSpec:
             check_temperature(self.tau_final, "tau_final")
         if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
             raise ValueError(f"hidden must be a positive integer, got {self.hidden!r}")
+        grid = self.controller_grid
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            raise ValueError(f"controller_grid must be a positive integer, got {grid!r}")
+        if self.candidate_bn and self.separate:
+            raise ValueError(
+                "candidate_bn needs one choice per layer; it does not combine with separate=True"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.budget, dict):
@@ -245,7 +263,9 @@ class QuantModel(nn.Module):
     def __getstate__(self) -> dict:
         # Copies and pickles leave out the latest forward's tensors (they may hold a graph).
         state = super().__getstate__()
-        state.pop("_dynamic_modules", None)  # rebuilt on demand from the copy's own layers
+        # Rebuilt on demand from the copy's own layers.
+        state.pop("_dynamic_modules", None)
+        state.pop("_candidate_bn_modules", None)
         return {**state, "last": None, "_pending": None}
 
     @property
@@ -282,6 +302,7 @@ class DynamicQuantModel(QuantModel):
         spec: DynamicSpec,
         layers: list[LayerInfo],
         tap_shape: tuple[int, ...],
+        candidate_bns: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -292,6 +313,7 @@ class DynamicQuantModel(QuantModel):
         self.tau = spec.tau
         self.last = None
         self._forced: Tensor | None = None
+        self._random = False
         self._pending: Tensor | None = None
         # Integer cost buffers: ``.half()`` and autocast leave them exact (MACs overflow fp16).
         self.register_buffer("candidate_bits", torch.tensor(spec.bits, dtype=torch.int64))
@@ -300,6 +322,10 @@ class DynamicQuantModel(QuantModel):
         macs = [i.macs for i in layers if i.role == "dynamic"]
         self.register_buffer("dynamic_macs", torch.tensor(macs, dtype=torch.int64))
         self._dynamic_names = [i.name for i in layers if i.role == "dynamic"]
+        # (dynamic layer index, BatchNorm path) of the per-candidate BatchNorms, if any.
+        self._candidate_bns = [
+            (self._dynamic_names.index(conv), bn) for bn, conv in (candidate_bns or {}).items()
+        ]
         model.get_submodule(spec.tap).register_forward_hook(self._on_tap)
 
     # ---------------------------------------------------------------- selection
@@ -311,9 +337,28 @@ class DynamicQuantModel(QuantModel):
             self.__dict__["_dynamic_modules"] = cached
         return cached
 
+    def candidate_bn_modules(self) -> list[tuple[int, nn.Module]]:
+        """(dynamic layer index, switchable BatchNorm) pairs; empty without ``candidate_bn``."""
+        cached = self.__dict__.get("_candidate_bn_modules")
+        if cached is None:
+            cached = [(i, self.model.get_submodule(n)) for i, n in self._candidate_bns]
+            self.__dict__["_candidate_bn_modules"] = cached
+        return cached
+
+    def set_random_choices(self, enabled: bool) -> None:
+        """Any-precision warm-up: with ``enabled``, every image draws each layer's candidate
+        uniformly at random (in training and evaluation) and the controller is not run, so
+        it gets no gradient; the shared weights learn to work at every candidate."""
+        self._random = bool(enabled)
+
     def _on_tap(self, module: nn.Module, inputs: tuple, out: Tensor) -> None:
         if self._forced is not None:
             sel, logits = self._forced.to(out.dtype).expand(out.shape[0], *self._forced.shape), None
+        elif self._random:
+            K, shape = len(self.spec.bits), (out.shape[0], len(self._dynamic_names))
+            shape += (2,) if self.spec.separate else ()
+            index = torch.randint(K, shape, device=out.device)
+            sel, logits = F.one_hot(index, K).to(out.dtype), None
         else:
             logits = self.controller(out)
             sel = select(logits, self.tau, self.training, self.spec.sample_in_eval)
@@ -328,6 +373,11 @@ class DynamicQuantModel(QuantModel):
         for i, layer in enumerate(layers):
             choice = (sel[:, i, 0], sel[:, i, 1]) if self.spec.separate else sel[:, i]
             layer.set_selection(choice, plans[i] if plans else None)
+        bns = self.candidate_bn_modules()
+        if bns:
+            index = sel.argmax(-1)  # [B, L]
+            for i, bn in bns:
+                bn.set_selection(index[:, i])
         self._pending = (sel, logits)
 
     def _route_plans(self, sel: Tensor) -> list[RoutePlan]:
@@ -384,6 +434,8 @@ class DynamicQuantModel(QuantModel):
         finally:
             for layer in self.dynamic_modules():
                 layer.set_selection(None)
+            for _, bn in self.candidate_bn_modules():
+                bn.set_selection(None)
         if self._pending is None:
             raise RuntimeError(f"the tap module {self.spec.tap!r} did not run in this forward")
         sel, logits = self._pending
@@ -495,6 +547,10 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
     unknown = set(spec.signed) - {i.name for i in layers}
     if unknown:
         raise ValueError(f"spec.signed names unknown layers: {', '.join(sorted(unknown))}")
+    bn_pairs: dict[str, str] = {}
+    if spec.candidate_bn:  # found on the float model: the dynamic layers run only in their model
+        names = [i.name for i in layers if i.role == "dynamic"]
+        bn_pairs = find_following_bns(model, example_input, names)
     for info in layers:
         if info.role == "fp":
             continue
@@ -521,19 +577,22 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
             f"budget target {spec.budget.target_bits} bits is below the cheapest candidate "
             f"{spec.bits[0]}: infeasible"
         )
-    features = tap_shape[0]
+    swap_switchable_bns(model, bn_pairs, len(spec.bits))
     controller = BitController(
-        features,
+        tap_shape[0],
         num_layers=sum(i.role == "dynamic" for i in layers),
         num_candidates=len(spec.bits),
         hidden=spec.hidden,
         dropout=spec.dropout,
         separate=spec.separate,
         normalize=spec.controller_norm,
+        grid=spec.controller_grid,
+        stats=spec.controller_stats,
     )
     first = next(model.parameters())
     controller.to(dtype=first.dtype)  # the backbone's dtype, so its features feed it directly
-    result = DynamicQuantModel(model, controller, spec, layers, tap_shape).to(first.device)
+    result = DynamicQuantModel(model, controller, spec, layers, tap_shape, bn_pairs)
+    result.to(first.device)
     result.example_shape = tuple(example_input.shape[1:])
     return result
 

@@ -222,8 +222,10 @@ class Profile:
 
 
 def controller_cost(controller: nn.Module, tap_shape: tuple[int, ...]) -> tuple[int, int]:
-    """MACs (pooling counted as one add per input element) and params of the controller."""
-    pool = int(torch.tensor(tap_shape).prod()) if len(tap_shape) == 3 else 0
+    """MACs (pooling and input statistics counted as adds per input element) and params of
+    the controller."""
+    per_element = getattr(controller, "ops_per_input_element", 1)
+    pool = int(torch.tensor(tap_shape).prod()) * per_element if len(tap_shape) == 3 else 0
     macs = pool + sum(
         m.in_features * m.out_features for m in controller.modules() if isinstance(m, nn.Linear)
     )

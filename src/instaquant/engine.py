@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import config as config_mod
 from . import distributed
-from .builder import build_model, epoch_temperature, resolve_device, signed_plan
+from .builder import build_model, epoch_temperature, init_model, resolve_device, signed_plan
 from .checkpoint import atomic_save, load_checkpoint, load_model_state, save_checkpoint
 from .config import Config, UserError
 from .convert import DynamicQuantModel, QuantModel
@@ -27,6 +27,8 @@ from .cost import BITOPS_CONVENTION, controller_cost
 from .data import build_loaders
 from .distributed import DistContext
 from .evaluation import evaluate, reference_bitops
+from .headroom import measure_headroom
+from .losses import distillation_loss
 from .quant.methods import InitFlags
 
 
@@ -336,6 +338,7 @@ def _train(
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = make_optimizer(model, cfg)
+    teacher = _teacher(cfg, info, ctx.device)
     start_epoch, skip_steps, best, wall = 0, 0, -1.0, 0.0
     metrics: dict[str, Any] = {}
     mid_epoch: dict[str, Any] | None = None  # random state and running sums of a stopped epoch
@@ -390,9 +393,11 @@ def _train(
             torch.manual_seed(cfg.seed * 1_000_003 + epoch)
             train_loader.set_epoch(epoch)
             tau = epoch_temperature(cfg, epoch)
-            if isinstance(model, DynamicQuantModel) and tau is not None:
-                model.set_temperature(tau)
-            loop = _EpochLoop(net, model, opt, cfg, ctx, epoch, steps, progress, stop)
+            if isinstance(model, DynamicQuantModel):
+                model.set_random_choices(epoch < cfg.quant.random_epochs)
+                if tau is not None:
+                    model.set_temperature(tau)
+            loop = _EpochLoop(net, model, opt, cfg, ctx, epoch, steps, progress, stop, teacher)
             train_stats = loop.run(train_loader, skip_steps, mid_epoch)
             wall += time.time() - t0
             if loop.stopped_at is not None:
@@ -421,9 +426,24 @@ def _train(
         return {}, model
     final = {k[len("test_") :]: v for k, v in metrics.items() if k.startswith("test_")}
     entry = _summary_entry(cfg, model, final, best, wall)
+    if isinstance(model, DynamicQuantModel) and not ctx.enabled:
+        # One process sees the whole test set (DDP shards it): `instaquant report` measures it.
+        fp = init_model(cfg, info, ctx.device)
+        room = measure_headroom(model, test_loader, cfg.ref_bits, fp, progress)
+        entry["headroom"] = room.summary()
     if ctx.is_main:
         write_summary(out / "summary.json", [entry])
     return entry, model
+
+
+def _teacher(cfg: Config, info: Any, device: torch.device) -> nn.Module | None:
+    """The frozen full-precision teacher of ``distill.teacher=fp`` (the model.init network)."""
+    if cfg.distill.teacher != "fp":
+        return None
+    teacher = init_model(cfg, info, device)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def _epoch_line(cfg: Config, epoch: int, m: dict[str, Any]) -> str:
@@ -453,8 +473,10 @@ class _EpochLoop:
         steps: int,
         progress: bool,
         stop: _StopSignals,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.net, self.model, self.opt, self.cfg, self.ctx = net, model, opt, cfg, ctx
+        self.teacher = teacher
         self.epoch, self.steps, self.progress, self.stop = epoch, steps, progress, stop
         self.stopped_at: int | None = None
         self.stop_reason: str | None = None
@@ -525,12 +547,40 @@ class _EpochLoop:
         if "sums" in state and self.ctx.is_main:
             self.sums.copy_(state["sums"])
 
+    def _highest_forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits and CE of every dynamic layer at the highest candidate (the teacher of
+        ``distill.teacher=highest``, trained on the same batch)."""
+        model = self.model
+        top = max(model.spec.bits)
+        # Through the unwrapped model: under DDP the one backward of the summed loss still
+        # reduces every gradient once, through the wrapper's own (controller) forward below.
+        with model.forced_bits([top] * len(model.dynamic_layers)):
+            logits = model(x)
+        return logits, F.cross_entropy(logits, y)
+
+    def _distill(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The teacher's logits (detached) and any loss of its own to add."""
+        teacher = self.cfg.distill.teacher
+        if teacher == "fp":
+            with torch.no_grad():
+                return self.teacher(x), None
+        if teacher == "highest":
+            logits, loss = self._highest_forward(x, y)
+            return logits.detach(), loss
+        return None, None
+
     def _step(self, x: Tensor, y: Tensor, i: int) -> None:
+        teacher_logits, teacher_loss = self._distill(x, y)
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
         dynamic = isinstance(self.model, DynamicQuantModel)
         budget = self.model.budget_loss() if dynamic else None
         total = loss + budget if budget is not None else loss
+        if teacher_logits is not None:
+            d = self.cfg.distill
+            total = total + d.weight * distillation_loss(logits, teacher_logits, d.temperature)
+        if teacher_loss is not None:
+            total = total + teacher_loss
         if not torch.isfinite(total):
             what = (
                 "the input batch holds NaN or inf"

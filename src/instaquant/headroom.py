@@ -1,0 +1,185 @@
+"""How much per-image bits could buy: the shared weights at every uniform candidate, the oracle
+that gives each image its cheapest right candidate, and how much of that the controller takes.
+
+For a DQ model, every test image is classified by the controller's choice and, through
+:meth:`~instaquant.convert.DynamicQuantModel.forced_bits`, with every dynamic layer at each
+candidate in turn. From the ``[N, K]`` table of which candidates classify which image
+correctly:
+
+- *oracle*: each image at its cheapest right candidate (the cheapest overall where none is
+  right). Part of its gain is luck: an image right at 2 bits and wrong at 4 counts as right.
+- *monotone oracle*: each image at the cheapest candidate from which every higher one is
+  right (the cheapest overall where the highest is wrong): the gain a controller could
+  bank on.
+- *front*: the uniform candidates' (BitOPs, top-1) points joined by straight lines; a
+  model's gain is its top-1 minus the front's at its BitOPs. The controller's captured share
+  is its gain over the oracle's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .convert import DynamicQuantModel
+from .stats import spearman
+
+
+@dataclass
+class Headroom:
+    """Per-image outcomes of a DQ model's controller and of each uniform candidate."""
+
+    candidates: tuple[int, ...]
+    ref_bitops: float  # the static reference model's BitOPs (relative figures use it)
+    uniform_bitops: Tensor  # [K] BitOPs per image with every dynamic layer at candidate k
+    right: Tensor  # [N, K] bool: candidate k classifies image n correctly
+    controller_right: Tensor  # [N] bool
+    controller_bitops: Tensor  # [N] float64
+    fp_loss: Tensor | None = None  # [N] the full-precision model's loss, when one was given
+
+    @property
+    def n(self) -> int:
+        return int(self.right.shape[0])
+
+    def uniform_top1(self) -> list[float]:
+        return (100.0 * self.right.double().mean(0)).tolist()
+
+    def cheapest_right(self) -> Tensor:
+        """[N] index of each image's cheapest right candidate; K where none is right."""
+        K = self.right.shape[1]
+        first = self.right.to(torch.int8).argmax(1)
+        return torch.where(self.right.any(1), first, torch.full_like(first, K))
+
+    def monotone_start(self) -> Tensor:
+        """[N] the cheapest candidate from which every higher one is right; K where the
+        highest is wrong."""
+        K = self.right.shape[1]
+        # suffix[:, k]: every candidate from k up is right (a reversed cumulative "and").
+        suffix = self.right.flip(1).to(torch.int8).cumprod(1).flip(1).bool()
+        first = suffix.to(torch.int8).argmax(1)
+        return torch.where(suffix[:, -1], first, torch.full_like(first, K))
+
+    def _oracle(self, index: Tensor) -> tuple[float, float, list[float]]:
+        """Top-1, mean BitOPs and per-candidate share (plus "none") of an assignment that runs
+        image n at candidate ``index[n]`` (K: none right, run at the cheapest and wrong)."""
+        K = self.right.shape[1]
+        runs_at = torch.where(index < K, index, torch.zeros_like(index))
+        top1 = 100.0 * float((index < K).double().mean())
+        bitops = float(self.uniform_bitops.double()[runs_at].mean())
+        shares = (torch.bincount(index, minlength=K + 1).double() / self.n).tolist()
+        return top1, bitops, shares
+
+    def front(self, bitops: float) -> float:
+        """Top-1 of the uniform candidates' line at ``bitops`` (flat beyond its ends)."""
+        xs = self.uniform_bitops.double().tolist()
+        ys = self.uniform_top1()
+        if bitops <= xs[0]:
+            return ys[0]
+        for i in range(1, len(xs)):
+            if bitops <= xs[i]:
+                t = (bitops - xs[i - 1]) / (xs[i] - xs[i - 1])
+                return ys[i - 1] + t * (ys[i] - ys[i - 1])
+        return ys[-1]
+
+    def summary(self) -> dict[str, Any]:
+        """The figures in plain types (BitOPs also relative to the reference)."""
+        ref = self.ref_bitops
+        ctrl_top1 = 100.0 * float(self.controller_right.double().mean())
+        ctrl_bitops = float(self.controller_bitops.mean())
+        o_top1, o_bitops, o_shares = self._oracle(self.cheapest_right())
+        m_top1, m_bitops, m_shares = self._oracle(self.monotone_start())
+
+        def captured(top1: float, bitops: float) -> float | None:
+            gain = top1 - self.front(bitops)
+            return None if gain <= 0 else (ctrl_top1 - self.front(ctrl_bitops)) / gain
+
+        need = self.cheapest_right().double()
+        p10, p90 = torch.quantile(
+            self.controller_bitops.double(), torch.tensor([0.1, 0.9]).double()
+        )
+        keys = [*map(str, self.candidates), "none"]
+        out: dict[str, Any] = {
+            "candidates": list(self.candidates),
+            "uniform_top1": self.uniform_top1(),
+            "uniform_bitops_rel": (self.uniform_bitops.double() / ref).tolist(),
+            "controller_top1": ctrl_top1,
+            "controller_bitops_rel": ctrl_bitops / ref,
+            "controller_front_top1": self.front(ctrl_bitops),
+            "oracle_top1": o_top1,
+            "oracle_bitops_rel": o_bitops / ref,
+            "oracle_share": dict(zip(keys, o_shares, strict=True)),
+            "monotone_oracle_top1": m_top1,
+            "monotone_oracle_bitops_rel": m_bitops / ref,
+            "monotone_oracle_share": dict(zip(keys, m_shares, strict=True)),
+            "captured_share": captured(o_top1, o_bitops),
+            "captured_share_monotone": captured(m_top1, m_bitops),
+            "rho_cheapest_right": _finite(spearman(self.controller_bitops, need)),
+            "rho_fp_loss": None,
+            "bitops_p10_rel": float(p10) / ref,
+            "bitops_p90_rel": float(p90) / ref,
+            "bitops_p90_over_p10": float(p90 / p10),
+        }
+        if self.fp_loss is not None:
+            out["rho_fp_loss"] = _finite(spearman(self.controller_bitops, self.fp_loss))
+        return out
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+@torch.no_grad()
+def measure_headroom(
+    model: DynamicQuantModel,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    ref_bits: int,
+    fp_model: nn.Module | None = None,
+    progress: bool = False,
+) -> Headroom:
+    """Run ``loader`` through the controller, every uniform candidate and (optionally) the
+    full-precision model; ``ref_bits`` names the static reference of relative BitOPs."""
+    if not isinstance(model, DynamicQuantModel):
+        raise TypeError("measure_headroom needs a DynamicQuantModel (a DQ run)")
+    was_training = model.training
+    model.eval()
+    if fp_model is not None:
+        fp_was_training = fp_model.training
+        fp_model.eval()
+    K, L = len(model.spec.bits), len(model.dynamic_layers)
+    right: list[Tensor] = []
+    ctrl_right: list[Tensor] = []
+    ctrl_bitops: list[Tensor] = []
+    fp_loss: list[Tensor] = []
+    uniform = torch.zeros(K, dtype=torch.float64)
+    try:
+        for x, y in tqdm(loader, desc="headroom", leave=False, disable=None if progress else True):
+            ctrl_right.append((model(x).argmax(1) == y).cpu())
+            ctrl_bitops.append(model.last.bitops.double().cpu())
+            per_candidate = []
+            for k, b in enumerate(model.spec.bits):
+                with model.forced_bits([b] * L):
+                    per_candidate.append((model(x).argmax(1) == y).cpu())
+                uniform[k] = float(model.last.bitops[0])
+            right.append(torch.stack(per_candidate, 1))
+            if fp_model is not None:
+                loss = torch.nn.functional.cross_entropy(fp_model(x), y, reduction="none")
+                fp_loss.append(loss.double().cpu())
+    finally:
+        model.train(was_training)
+        if fp_model is not None:
+            fp_model.train(fp_was_training)
+    return Headroom(
+        candidates=tuple(model.spec.bits),
+        ref_bitops=float(model.static_bitops(ref_bits)),
+        uniform_bitops=uniform,
+        right=torch.cat(right),
+        controller_right=torch.cat(ctrl_right),
+        controller_bitops=torch.cat(ctrl_bitops),
+        fp_loss=torch.cat(fp_loss) if fp_loss else None,
+    )

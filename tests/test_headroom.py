@@ -1,0 +1,112 @@
+"""Headroom: oracle, monotone oracle, front and captured share, by hand and on a real model."""
+
+import pytest
+import torch
+
+import instaquant as iq
+from helpers import dynamic_resnet20, varied_images
+from instaquant.evaluation import evaluate
+from instaquant.headroom import Headroom, measure_headroom
+from instaquant.stats import spearman
+
+T, F = True, False
+
+
+def _hand_example(fp_loss=None):
+    # Candidates 2/3/4 bits at 4/9/16 BitOPs per image; reference 9 (static 3-bit).
+    right = torch.tensor([[T, T, T], [F, T, T], [T, F, T], [F, F, T], [T, T, F]])
+    return Headroom(
+        candidates=(2, 3, 4),
+        ref_bitops=9.0,
+        uniform_bitops=torch.tensor([4.0, 9.0, 16.0], dtype=torch.float64),
+        right=right,
+        controller_right=torch.tensor([T, T, F, T, T]),
+        controller_bitops=torch.tensor([4.0, 9.0, 16.0, 16.0, 4.0], dtype=torch.float64),
+        fp_loss=fp_loss,
+    )
+
+
+def test_oracles_and_shares_by_hand():
+    s = _hand_example().summary()
+    assert s["uniform_top1"] == pytest.approx([60.0, 60.0, 80.0], abs=1e-12)
+    # Cheapest right: candidates 0, 1, 0, 2, 0 -> every image right at 4, 9, 4, 16, 4 BitOPs.
+    assert s["oracle_top1"] == pytest.approx(100.0, abs=1e-12)
+    assert s["oracle_bitops_rel"] == pytest.approx(37 / 5 / 9, abs=1e-12)
+    assert s["oracle_share"] == pytest.approx({"2": 0.6, "3": 0.2, "4": 0.2, "none": 0.0})
+    # Monotone: 0, 1, 2, 2, none (the last image is wrong at 4 bits) -> 80% at 49/5 BitOPs.
+    assert s["monotone_oracle_top1"] == pytest.approx(80.0, abs=1e-12)
+    assert s["monotone_oracle_bitops_rel"] == pytest.approx(49 / 5 / 9, abs=1e-12)
+    assert s["monotone_oracle_share"] == pytest.approx({"2": 0.2, "3": 0.2, "4": 0.4, "none": 0.2})
+    assert s["controller_top1"] == pytest.approx(80.0, abs=1e-12)
+    assert s["controller_bitops_rel"] == pytest.approx(49 / 5 / 9, abs=1e-12)
+
+
+def test_front_and_captured_share_by_hand():
+    h = _hand_example()
+    # The uniform points (4, 60), (9, 60), (16, 80) joined by lines, flat beyond the ends.
+    assert h.front(2.0) == 60.0 and h.front(20.0) == 80.0
+    assert h.front(12.5) == pytest.approx(70.0, abs=1e-12)
+    s = h.summary()
+    front_ctrl = 60 + 20 * (9.8 - 9) / 7
+    assert s["controller_front_top1"] == pytest.approx(front_ctrl, abs=1e-12)
+    # Oracle gain 100 - 60 at 7.4 BitOPs; the controller's 80 - front(9.8).
+    assert s["captured_share"] == pytest.approx((80 - front_ctrl) / 40, abs=1e-12)
+    # The monotone oracle sits where the controller does, with its accuracy: all of it.
+    assert s["captured_share_monotone"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_spread_and_correlations_by_hand():
+    loss = torch.tensor([0.1, 0.5, 2.0, 1.0, 0.2], dtype=torch.float64)
+    s = _hand_example(fp_loss=loss).summary()
+    # Sorted per-image BitOPs 4, 4, 9, 16, 16: linear quantiles at 0.4 and 3.6 -> 4 and 16.
+    assert s["bitops_p10_rel"] == pytest.approx(4 / 9) and s["bitops_p90_rel"] == pytest.approx(
+        16 / 9
+    )
+    assert s["bitops_p90_over_p10"] == pytest.approx(4.0)
+    bitops = torch.tensor([4.0, 9.0, 16.0, 16.0, 4.0])
+    need = torch.tensor([0.0, 1.0, 0.0, 2.0, 0.0])
+    assert s["rho_cheapest_right"] == pytest.approx(spearman(bitops, need), abs=1e-12)
+    assert s["rho_fp_loss"] == pytest.approx(spearman(bitops, loss), abs=1e-12)
+    assert _hand_example().summary()["rho_fp_loss"] is None
+
+
+def test_no_oracle_gain_gives_no_captured_share():
+    h = _hand_example()
+    h.right = torch.ones(5, 3, dtype=torch.bool)  # every candidate right on every image
+    s = h.summary()
+    assert s["oracle_top1"] == 100.0 and s["oracle_bitops_rel"] == pytest.approx(4 / 9)
+    assert s["captured_share"] is None  # the oracle is on the front: nothing to capture
+
+
+def test_measure_headroom_matches_forced_evaluations():
+    model = dynamic_resnet20()
+    x = varied_images(24)
+    y = torch.randint(0, 10, (24,), generator=torch.Generator().manual_seed(3))
+    loader = [(x[:10], y[:10]), (x[10:], y[10:])]
+    fp = iq.models.resnet20(num_classes=10).double()
+    model.train()
+    room = measure_headroom(model, loader, ref_bits=4, fp_model=fp)
+    assert model.training and fp.training  # modes restored
+    assert room.right.shape == (24, 3) and room.n == 24
+    ctrl = evaluate(model, loader, 4, per_sample=True).per_sample
+    torch.testing.assert_close(room.controller_right, ctrl["pred"] == ctrl["label"])
+    torch.testing.assert_close(room.controller_bitops, ctrl["bitops"].double())
+    assert len(set(room.controller_bitops.tolist())) > 1  # the controller splits this batch
+    L = len(model.dynamic_layers)
+    for k, b in enumerate((3, 4, 5)):
+        with model.forced_bits([b] * L):
+            forced = evaluate(model, loader, 4, per_sample=True).per_sample
+        torch.testing.assert_close(room.right[:, k], forced["pred"] == forced["label"])
+        # Every dynamic layer at b bits: the static b-bit BitOPs of the same layers.
+        static_part = float(model.static_part_bitops)
+        dynamic_part = float((model.dynamic_macs * b * b).sum())
+        assert float(room.uniform_bitops[k]) == static_part + dynamic_part
+    assert room.ref_bitops == model.static_bitops(4)
+    fp_ps = evaluate(fp, loader, 4, per_sample=True).per_sample
+    torch.testing.assert_close(room.fp_loss, fp_ps["loss"].double())
+
+
+def test_measure_headroom_refuses_a_static_model():
+    qs = iq.static(iq.models.resnet20(), "pact", 4, torch.randn(1, 3, 16, 16))
+    with pytest.raises(TypeError, match="DynamicQuantModel"):
+        measure_headroom(qs, [], 4)

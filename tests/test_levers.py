@@ -1,0 +1,151 @@
+"""The options that aim to make per-image bits pay: controller input, random-choice warm-up,
+distillation (each checked on its own)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import instaquant as iq
+from helpers import dynamic_resnet20, seeded_train_step, varied_images
+from instaquant import config as C
+from instaquant.builder import epoch_temperature
+from instaquant.controller import BitController
+from instaquant.cost import controller_cost
+from instaquant.engine import fit
+
+TINY = ["data.name=digits", "data.limit=128", "data.batch_size=32", "model.name=digits_net"]
+
+
+# --------------------------------------------------------------------------- controller input
+
+
+def test_grid_and_statistics_features_by_hand():
+    tap = torch.arange(2 * 3 * 4 * 4, dtype=torch.float64).reshape(2, 3, 4, 4)
+    tap[1] = tap[1] ** 2 / 10  # a second image with other statistics
+    ctrl = BitController(3, num_layers=2, num_candidates=3, grid=2, stats=True).double()
+    f = ctrl.features(tap)
+    assert f.shape == (2, 3 * 2 * 2 + 2 * 3)
+    cells = tap.reshape(2, 3, 2, 2, 2, 2).mean(dim=(3, 5))  # 2x2 cells of 2x2 positions
+    torch.testing.assert_close(f[:, :12], cells.reshape(2, 12), atol=1e-12, rtol=0)
+    flat = tap.flatten(2)
+    std = ((flat - flat.mean(2, keepdim=True)) ** 2).mean(2).sqrt()
+    torch.testing.assert_close(f[:, 12:15], std, atol=1e-12, rtol=0)
+    # First image: horizontal neighbours differ by 1, vertical by 4, everywhere.
+    torch.testing.assert_close(f[0, 15:], torch.full((3,), 5.0, dtype=torch.float64))
+    assert ctrl(tap).shape == (2, 2, 3)
+
+
+def test_grid_controller_runs_at_any_resolution_and_counts_its_cost():
+    fp = iq.models.resnet20()
+    spec = iq.DynamicSpec(bits=(2, 3, 4), controller_grid=4, controller_stats=True)
+    model = iq.dynamic(fp, spec, example_input=torch.randn(1, 3, 32, 32))
+    assert model.controller.fc1.in_features == 16 * 16 + 2 * 16
+    model.eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match="shape"):
+        assert model(torch.randn(2, 3, 48, 48)).shape == (2, 10)
+    macs, _ = controller_cost(model.controller, model.tap_shape)
+    fc = sum(
+        m.in_features * m.out_features
+        for m in model.controller.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    assert macs == 16 * 32 * 32 * 5 + fc  # pooling 1 add and two statistics 2 each per element
+
+
+@pytest.mark.parametrize("grid", [0, 1.5, True])
+def test_bad_grid_is_refused(grid):
+    with pytest.raises(ValueError, match="controller_grid"):
+        iq.DynamicSpec(controller_grid=grid)
+
+
+# --------------------------------------------------------------------------- random warm-up
+
+
+def test_random_choices_vary_and_leave_the_controller_without_gradient():
+    model = dynamic_resnet20("pact", bias=torch.tensor([0.0, 40.0, 0.0], dtype=torch.float64))
+    x, y = varied_images(16), torch.arange(16) % 10
+    model.set_random_choices(True)
+    seeded_train_step(model, x, y)
+    sel = model.last.selection
+    assert ((sel == 0) | (sel == 1)).all() and (sel.sum(-1) == 1).all()
+    # The controller alone would put everything at 4 bits; random choices use all three.
+    assert set(model.last.bits_w.flatten().tolist()) == {3.0, 4.0, 5.0}
+    assert all(p.grad is None for p in model.controller.parameters())
+    assert model.model.layer3[0].conv1.weight.grad is not None
+    model.set_random_choices(False)
+    seeded_train_step(model, x, y)
+    assert (model.last.bits_w == 4).all()
+
+
+def test_temperature_anneals_over_the_epochs_after_the_warm_up():
+    cfg = C.from_dict({}, ["epochs=5", "quant.random_epochs=2", "quant.tau_final=0.1"])
+    taus = [epoch_temperature(cfg, e) for e in range(5)]
+    assert taus[:3] == [1.0, 1.0, 1.0] and taus[4] == pytest.approx(0.1)
+    assert taus[3] == pytest.approx(math.sqrt(0.1))
+
+
+def test_warm_up_run_trains_and_measures(tmp_path):
+    cfg = C.from_dict(
+        {"name": "warm", "out": str(tmp_path / "warm")},
+        [*TINY, "epochs=2", "quant.bits=[2,3,4]", "quant.random_epochs=1"],
+    )
+    entry = fit(cfg, progress=False)
+    assert entry["headroom"]["controller_top1"] == pytest.approx(entry["top1"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("quant.random_epochs=3", "random_epochs"),
+        ("distill.teacher=fp", "model.init"),
+        ("distill.teacher=teacher", "distill.teacher"),
+        ("distill.temperature=0", "distill.temperature"),
+    ],
+)
+def test_bad_lever_settings_are_one_line_errors(override, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.from_dict({}, ["epochs=3", "distill.teacher=highest", override])
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def test_distillation_loss_closed_form_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    T = 2.0
+    p, q = F.softmax(s / T, 1), F.softmax(t / T, 1)
+    expected = T**2 * (q * (q.log() - p.log())).sum(1).mean()
+    loss = iq.distillation_loss(s, t, T)
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=0)
+    loss.backward()
+    assert t.grad is None and s.grad.abs().sum() > 0  # only the student learns
+    same = iq.distillation_loss(t.detach(), t.detach(), T)
+    assert float(same) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fp")
+    fit(
+        C.from_dict({"name": "fp", "out": str(tmp / "fp")}, [*TINY, "recipe=fp", "epochs=1"]),
+        progress=False,
+    )
+    return tmp / "fp"
+
+
+@pytest.mark.parametrize("teacher", ["fp", "highest"])
+def test_distillation_runs_change_training(tmp_path, fp_run, teacher):
+    def run(name, *extra):
+        cfg = C.from_dict(
+            {"name": name, "out": str(tmp_path / name)},
+            [*TINY, "epochs=1", "quant.bits=[2,3,4]", f"model.init={fp_run}", *extra],
+        )
+        return fit(cfg, progress=False)
+
+    plain = run("plain")
+    taught = run(teacher, f"distill.teacher={teacher}", "distill.weight=2.0")
+    assert taught["top1"] != plain["top1"] or taught["bitops_rel"] != plain["bitops_rel"]

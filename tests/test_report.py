@@ -489,3 +489,25 @@ def test_comparison_keeps_neighbours_when_the_folder_was_moved(folder_runs, tmp_
     paths = write_report(work / "stA", overrides=[f"data.root={moved}"], progress=False)
     data = json.loads(paths["json"].read_text())
     assert [r["name"] for r in data["comparison"]] == ["stA", "fpA"]
+
+
+def test_dq_report_gives_the_headroom_and_summary_agrees(runs):
+    out, paths = runs
+    data = json.loads(paths["json"].read_text())
+    room = data["headroom"]
+    # The report measures last.pt as training's end did: the same figures as summary.json.
+    recorded = json.loads((out / "dq" / "summary.json").read_text())["runs"][0]["headroom"]
+    for key in ("uniform_top1", "oracle_top1", "monotone_oracle_top1", "controller_top1"):
+        assert room[key] == pytest.approx(recorded[key]), key
+    assert room["controller_top1"] == pytest.approx(data["metrics"]["top1"])
+    assert room["oracle_top1"] >= max(room["uniform_top1"]) >= room["monotone_oracle_top1"] - 1e-9
+    assert sum(room["oracle_share"].values()) == pytest.approx(1.0)
+    _, rows = _rows(paths["csv"])
+    fp_loss = torch.tensor([float(r["fp_loss"]) for r in rows], dtype=torch.float64)
+    bitops = torch.tensor([float(r["bitops"]) for r in rows], dtype=torch.float64)
+    expected = spearman(bitops, fp_loss)
+    assert room["rho_fp_loss"] == pytest.approx(expected, abs=1e-6) or math.isnan(expected)
+    md = paths["md"].read_text()
+    assert "## How much could per-image bits buy?" in md and "monotone oracle" in md
+    static = json.loads(write_report(out / "static3")["json"].read_text())
+    assert static["headroom"] is None  # one bit-width: nothing to choose between

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .config import Config, UserError
 from .convert import DynamicQuantModel, QuantModel
 from .cost import BITOPS_CONVENTION
+from .headroom import Headroom, measure_headroom
 from .stats import rankdata, spearman
 
 CHECKPOINTS = ("last", "best")
@@ -59,6 +60,7 @@ class Analysis:
     fp_confidence: Tensor | None = None
     fp_pred: Tensor | None = None
     budget_rel: float | None = None  # the training target relative to the reference
+    headroom: Headroom | None = None  # DQ runs: every uniform candidate and the oracles
     test_loader: Any = field(default=None, repr=False)
     convention: str = BITOPS_CONVENTION
 
@@ -350,6 +352,9 @@ def analyze(
             fp["prob"],
             fp["pred"],
         )
+    if isinstance(model, DynamicQuantModel):
+        a.headroom = measure_headroom(model, loader, cfg.ref_bits, progress=progress)
+        a.headroom.fp_loss = None if a.fp_loss is None else a.fp_loss.double()
     return a
 
 

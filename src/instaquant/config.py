@@ -19,7 +19,7 @@ from .cost import BUDGET_KINDS
 
 RECIPES = ("fp", "static", "dynamic")
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "digits_noise", "cifar10", "cifar100", "imagefolder")
 # String keys documented as yes | no, which YAML 1.1 reads (unquoted) as booleans.
 YES_NO_KEYS = ("data.cache",)
 

@@ -165,7 +165,7 @@ class TensorLoader:
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
             if self.augment:
-                flip = self.info.name != "digits"  # a mirrored digit is another symbol
+                flip = not self.info.name.startswith("digits")  # a mirrored digit is another symbol
                 x = random_crop_flip(x, max(1, size // 8), flip, gen)
         return (x - self.mean) / self.std
 
@@ -255,6 +255,41 @@ def load_digits() -> tuple[TensorData, TensorData, DatasetInfo]:
     std = float(train.images.std())
     info = DatasetInfo("digits", 10, 1, 8, (mean,), (std,), [str(i) for i in range(10)])
     return train, test, info
+
+
+# Noise strength (standard deviation, images in 0..1) of each copy of a digit in
+# ``digits_noise``: the noisier, the closer to the decision boundary.
+DIGITS_NOISE = (0.0, 0.2, 0.4, 0.6)
+
+
+def load_digits_noise() -> tuple[TensorData, TensorData, DatasetInfo]:
+    """The digits at four noise strengths (:data:`DIGITS_NOISE`), a task of known difficulty.
+
+    Every image appears once at each strength, in train and test alike, with Gaussian noise
+    drawn once from a fixed seed; the test split is ordered by strength (the first quarter
+    clean, the last the noisiest), so test image ``i`` has strength
+    ``DIGITS_NOISE[i * 4 // N]`` (see :func:`noise_of_test_images`).
+    """
+    train, test, info = load_digits()
+    gen = torch.Generator().manual_seed(2024)
+
+    def at_every_strength(data: TensorData) -> TensorData:
+        noisy = [
+            data.images + s * torch.randn(data.images.shape, generator=gen) for s in DIGITS_NOISE
+        ]
+        return TensorData(torch.cat(noisy), data.labels.repeat(len(DIGITS_NOISE)))
+
+    train, test = at_every_strength(train), at_every_strength(test)
+    mean, std = float(train.images.mean()), float(train.images.std())
+    info = DatasetInfo("digits_noise", 10, 1, 8, (mean,), (std,), info.classes)
+    return train, test, info
+
+
+def noise_of_test_images(n: int) -> Tensor:
+    """The noise strength of each of the ``n`` test images of ``digits_noise`` (loader order,
+    without ``data.limit``)."""
+    levels = torch.tensor(DIGITS_NOISE, dtype=torch.float64)
+    return levels.repeat_interleave(n // len(DIGITS_NOISE))
 
 
 def load_cifar(name: str, root: str, download: bool) -> tuple[TensorData, TensorData, DatasetInfo]:
@@ -500,6 +535,8 @@ def build_loaders(
     else:
         if cfg.name == "digits":
             train, test, info = load_digits()
+        elif cfg.name == "digits_noise":
+            train, test, info = load_digits_noise()
         else:
             train, test, info = load_cifar(cfg.name, cfg.root, cfg.download)
         train, test = train.subset(cfg.limit, seed=0), test.subset(cfg.limit, seed=1)
@@ -539,8 +576,8 @@ def describe(cfg: DataConfig, absent_classes: int | None = None) -> DatasetInfo:
         train_dir, _ = image_folder_splits(Path(cfg.root))
         classes = _class_names(train_dir)
         return _folder_info(cfg, classes, cfg.image_size or _native_size(train_dir))
-    if cfg.name == "digits":
-        info = DatasetInfo("digits", 10, 1, 8, (0.0,), (1.0,), [])
+    if cfg.name in ("digits", "digits_noise"):
+        info = DatasetInfo(cfg.name, 10, 1, 8, (0.0,), (1.0,), [])
     else:
         classes = 10 if cfg.name == "cifar10" else 100
         info = DatasetInfo(cfg.name, classes, 3, 32, CIFAR_MEAN, CIFAR_STD, [])

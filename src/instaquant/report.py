@@ -620,6 +620,10 @@ def _write_files(run_dir: Path, out: Path, a: Analysis, gallery_size: int) -> di
         )
         doc.image(paths["difficulty"], f"Per-image BitOPs against {a.difficulty_name} percentile.")
 
+    room = None if a.headroom is None else a.headroom.summary()
+    if room is not None:
+        _headroom_section(doc, a, room)
+
     doc.h2("Per-layer bit-widths")
     lrows = []
     usage = candidate_usage(a) if a.recipe == "dynamic" else None
@@ -715,6 +719,7 @@ def _write_files(run_dir: Path, out: Path, a: Analysis, gallery_size: int) -> di
             "tie_break": None if a.bitops_constant else tie_break_rule(a),
         },
         "comparison": comparison,
+        "headroom": room,
         "bitops_convention": a.convention,
     }
     paths["json"] = out / "report.json"
@@ -724,6 +729,71 @@ def _write_files(run_dir: Path, out: Path, a: Analysis, gallery_size: int) -> di
     paths["html"] = out / "report.html"
     paths["html"].write_text(doc.html())
     return paths
+
+
+def _share_text(shares: dict[str, float]) -> str:
+    return ", ".join(
+        f"{k} {'bits' if k != 'none' else 'right'} {100 * v:.1f}%" for k, v in shares.items()
+    )
+
+
+def _headroom_section(doc: _Doc, a: Analysis, room: dict) -> None:
+    """What per-image bits could buy with these weights, and how much the controller takes."""
+    doc.h2("How much could per-image bits buy?")
+    doc.p(
+        "The same shared weights with every dynamic layer at one candidate (uniform), the "
+        "controller's choices, and two oracles: each image at its cheapest candidate that "
+        "classifies it correctly (the cheapest overall where none does), and the monotone "
+        "oracle, each image at the cheapest candidate from which every higher one is right "
+        "(part of the first oracle's gain is luck: right at a low bit-width, wrong at a high one)."
+    )
+    rows = [
+        [f"uniform {b}-bit", f"{t:.2f}", f"{r:.3f}x"]
+        for b, t, r in zip(
+            room["candidates"], room["uniform_top1"], room["uniform_bitops_rel"], strict=True
+        )
+    ]
+    rows.append(
+        ["controller", f"{room['controller_top1']:.2f}", f"{room['controller_bitops_rel']:.3f}x"]
+    )
+    rows.append(["oracle", f"{room['oracle_top1']:.2f}", f"{room['oracle_bitops_rel']:.3f}x"])
+    rows.append(
+        [
+            "monotone oracle",
+            f"{room['monotone_oracle_top1']:.2f}",
+            f"{room['monotone_oracle_bitops_rel']:.3f}x",
+        ]
+    )
+    doc.table(["assignment", "top-1 %", f"BitOPs (x static {a.ref_bits}-bit)"], rows)
+
+    def share(x: float | None) -> str:
+        return "undefined (the oracle is not above the front)" if x is None else f"{100 * x:.1f}%"
+
+    def rho(x: float | None) -> str:
+        return "undefined" if x is None else f"{x:+.3f}"
+
+    doc.p(
+        "Cheapest right candidate per image: "
+        + _share_text(room["oracle_share"])
+        + "; monotone: "
+        + _share_text(room["monotone_oracle_share"])
+        + "."
+    )
+    front = room["controller_front_top1"]
+    doc.p(
+        f"The uniform candidates' line gives {front:.2f}% at the controller's BitOPs; the "
+        f"controller captures {share(room['captured_share'])} of the oracle's gain over that "
+        f"line ({share(room['captured_share_monotone'])} of the monotone oracle's). Spearman ρ "
+        f"of per-image BitOPs against the cheapest right candidate: "
+        f"{rho(room['rho_cheapest_right'])}"
+        + (
+            f"; against the full-precision loss: {rho(room['rho_fp_loss'])}"
+            if a.fp_loss is not None
+            else ""
+        )
+        + f". Per-image BitOPs p10 / p90: {room['bitops_p10_rel']:.3f}x / "
+        f"{room['bitops_p90_rel']:.3f}x (ratio {room['bitops_p90_over_p10']:.2f})."
+    )
 
 
 def report_headline(paths: dict[str, Path]) -> str:

@@ -52,7 +52,19 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 }
 
 
-STATIC_BITS = (3, 4, 2, 5)  # the two the targets compare with first
+# The static runs the DQ budgets are compared with come first, then DQ, then the other ends
+# of the static line: a schedule cut short still has the comparisons that matter.
+FIRST_STATIC, LAST_STATIC = (3, 4), (2, 5)
+# One DQ option each, at the 3-bit budget (candidates 2, 3, 4), for --levers.
+LEVERS: dict[str, dict[str, dict[str, Any]]] = {
+    "grid4": {"quant": {"controller_grid": 4}},
+    "stats": {"quant": {"controller_stats": True}},
+    "candidate_bn": {"quant": {"candidate_bn": True}},
+    "distill_fp": {"distill": {"teacher": "fp"}},
+    "distill_highest": {"distill": {"teacher": "highest"}},
+    "warmup": {"quant": {"random_epochs": 2}},
+    "controller_lr10": {"optim": {"controller_lr_scale": 10.0}},
+}
 
 
 def extract(archive: Path, data_dir: Path) -> Path:
@@ -97,39 +109,56 @@ def plan(
             raise SystemExit(f"the {schedule!r} schedule starts from --fp-init PATH: give one")
         runs.append(run("fp", recipe="fp", model={"name": "resnet20"}, **sched["fp"]))
     init = {"name": "resnet20", "init": str(fp_init or out / "fp")}
-    # All static runs first, then DQ: the baselines are complete before the longer runs.
-    for method in methods:
-        for bits in STATIC_BITS:
-            runs.append(
-                run(
-                    f"{method}_static{bits}",
-                    recipe="static",
-                    model=init,
-                    quant={"method": method, "bits": [bits]},
-                    reference_bits=4,
-                    **sched["qat"],
-                )
-            )
-    for method in methods:
-        for budget in (4, 3):
-            runs.append(
-                run(
-                    f"{method}_dq_budget{budget}",
-                    recipe="dynamic",
-                    model=init,
-                    quant={
-                        "method": method,
-                        "bits": [budget - 1, budget, budget + 1],
-                        "tap": "layer1",
-                        "tau": 1.0,
-                        "tau_final": 0.2,
-                    },
-                    budget={"kind": "bitops", "target_bits": budget, "weight": 2.0},
-                    reference_bits=4,
-                    **sched["qat"],
-                )
-            )
+
+    def static_run(method: str, bits: int) -> dict:
+        return run(
+            f"{method}_static{bits}",
+            recipe="static",
+            model=init,
+            quant={"method": method, "bits": [bits]},
+            reference_bits=4,
+            **sched["qat"],
+        )
+
+    runs += [static_run(m, b) for m in methods for b in FIRST_STATIC]
+    runs += [dq_run(run, m, b, init, sched["qat"]) for m in methods for b in (3, 4)]
+    runs += [static_run(m, b) for m in methods for b in LAST_STATIC]
     return runs
+
+
+def dq_run(run: Any, method: str, budget: int, init: dict, qat: dict) -> dict:
+    """DQ with candidates {b-1, b, b+1} at the BitOPs of static b-bit."""
+    return run(
+        f"{method}_dq_budget{budget}",
+        recipe="dynamic",
+        model=init,
+        quant={
+            "method": method,
+            "bits": [budget - 1, budget, budget + 1],
+            "tap": "layer1",
+            "tau": 1.0,
+            "tau_final": 0.2,
+        },
+        budget={"kind": "bitops", "target_bits": budget, "weight": 2.0},
+        reference_bits=4,
+        **qat,
+    )
+
+
+def lever_plan(runs: list[dict], out: Path, names: list[str]) -> list[dict]:
+    """PACT DQ at the 3-bit budget once per named lever (:data:`LEVERS`), all else equal."""
+    base = next(r for r in runs if r["name"] == "pact_dq_budget3")
+    plans = []
+    for name in names:
+        run = {
+            **base,
+            "name": f"pact_dq_budget3_{name}",
+            "out": str(out / f"pact_dq_budget3_{name}"),
+        }
+        for section, changes in LEVERS[name].items():
+            run[section] = {**run.get(section, {}), **changes}
+        plans.append(run)
+    return plans
 
 
 def ablation_plan(runs: list[dict], out: Path, schedule: str) -> list[dict]:
@@ -201,6 +230,12 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="images per split (smoke tests)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument(
+        "--levers",
+        nargs="*",
+        choices=sorted(LEVERS),
+        help="then PACT DQ at the 3-bit budget once per named option (all when none named)",
+    )
+    p.add_argument(
         "--ablations",
         action="store_true",
         help="then PACT runs testing why DQ loses on the schedule (shared α, twice the epochs)",
@@ -209,6 +244,8 @@ def main() -> None:
     args.methods = args.methods or (["pact"] if args.learn else ["dorefa", "pact"])
     if args.learn and args.fp_init is None:
         p.error("--learn starts from a trained full-precision model: give --fp-init PATH")
+    if args.levers is not None and "pact" not in args.methods:
+        p.error("--levers varies the PACT DQ run: include pact in --methods")
     if args.ablations and "pact" not in args.methods:
         # Checked before the main runs, not after hours of training.
         p.error("--ablations varies the PACT runs: include pact in --methods")
@@ -234,6 +271,17 @@ def main() -> None:
         f"per-run wall times are in results.json (wall_s)\n"
     )
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {plot}")
+    if args.levers is not None:
+        names = args.levers or sorted(LEVERS)
+        extra = run_all(lever_plan(runs, args.out, names), args.progress)
+        base = {e["name"]: e for e in entries}
+        table = format_table([base["pact_static3"], base["pact_dq_budget3"], *extra])
+        print(table)
+        (args.out / "levers.json").write_text(
+            json.dumps({"schedule": schedule, "runs": extra}, indent=2)
+        )
+        (args.out / "levers.md").write_text(f"```\n{table}\n```\n")
+        print(f"wrote {args.out / 'levers.md'} and {args.out / 'levers.json'}")
     if args.ablations:
         base = {e["name"]: e for e in entries}
         extra = run_all(ablation_plan(runs, args.out, schedule), args.progress)

@@ -46,6 +46,40 @@ def test_quick_plan_and_ablations_are_valid_configs(tmp_path):
     assert len({c.out for c in (*cfgs.values(), *extra.values())}) == len(cfgs) + len(extra)
 
 
+def test_learn_plan_starts_from_the_given_model_and_levers_change_one_thing(tmp_path):
+    script = _script()
+    fp = tmp_path / "fp.pt"
+    runs = script.plan(tmp_path / "data", tmp_path / "out", "learn", ["pact"], None, fp)
+    cfgs = {raw["name"]: config.from_dict(raw) for raw in runs}
+    assert "fp" not in cfgs and all(c.model.init == str(fp) for c in cfgs.values())
+    # The comparisons the targets need first, the ends of the static line last.
+    assert list(cfgs) == [
+        "pact_static3",
+        "pact_static4",
+        "pact_dq_budget3",
+        "pact_dq_budget4",
+        "pact_static2",
+        "pact_static5",
+    ]
+    assert {c.epochs for c in cfgs.values()} == {script.SCHEDULES["learn"]["qat"]["epochs"]}
+    with pytest.raises(SystemExit, match="fp-init"):
+        script.plan(tmp_path / "data", tmp_path / "out", "learn", ["pact"], None)
+
+    levers = script.lever_plan(runs, tmp_path / "out", sorted(script.LEVERS))
+    base = config.from_dict(next(r for r in runs if r["name"] == "pact_dq_budget3")).to_dict()
+    for raw in levers:
+        changed = config.from_dict(raw).to_dict()
+        diff = {
+            (section, key)
+            for section, values in changed.items()
+            if isinstance(values, dict)
+            for key in values
+            if values[key] != base[section][key]
+        }
+        lever = raw["name"].removeprefix("pact_dq_budget3_")
+        assert diff == {(s, k) for s, kv in script.LEVERS[lever].items() for k in kv}, lever
+
+
 def test_ablations_without_pact_stop_before_any_training(tmp_path, monkeypatch, capsys):
     script = _script()
     monkeypatch.setattr(script, "run_all", lambda *a: pytest.fail("trained before checking"))

@@ -1,0 +1,98 @@
+"""A task whose difficulty is known by construction: the digits at four noise strengths.
+
+The controller must give images bits that depend on their noise strength; a controller blind
+to its input cannot. (Whether DQ also beats static quantization at equal BitOPs on this task
+is measured in docs/results.md.)
+"""
+
+import pytest
+import torch
+
+from instaquant import config as C
+from instaquant.builder import load_for_eval
+from instaquant.data import DIGITS_NOISE, build_loaders, noise_of_test_images
+from instaquant.engine import fit
+from instaquant.evaluation import evaluate
+from instaquant.stats import spearman
+
+DATA = {"name": "digits_noise", "batch_size": 64, "eval_batch_size": 512}
+
+
+def _fit(out, name, *overrides):
+    base = {"name": name, "out": str(out / name), "model": {"name": "digits_net"}, "data": DATA}
+    return fit(C.from_dict(base, list(overrides)), progress=False)
+
+
+def _dq(out, name, fp, *extra):
+    # The settings that made bits follow difficulty on this task (docs/results.md): the
+    # controller sees per-channel statistics, the highest candidate teaches the others.
+    return _fit(
+        out,
+        name,
+        "recipe=dynamic",
+        "quant.bits=[2,3,4]",
+        "budget.target_bits=3",
+        "budget.weight=2.0",
+        "quant.tau_final=0.2",
+        "quant.controller_stats=true",
+        "distill.teacher=highest",
+        f"model.init={fp}",
+        "optim.lr=0.02",
+        "optim.weight_decay=1e-4",
+        *extra,
+    )
+
+
+def _bits_against_noise(run) -> float:
+    """Spearman ρ of the run's per-image BitOPs against each test image's noise strength."""
+    cfg, model, extra = load_for_eval(run / "last.pt")
+    per_image = evaluate(model, extra["test_loader"], cfg.ref_bits, per_sample=True).per_sample
+    noise = noise_of_test_images(per_image["bitops"].numel())
+    return spearman(per_image["bitops"].double(), noise)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These small networks train fastest on one thread, and slowest on two contended ones.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("noise")
+    torch.set_num_threads(1)
+    _fit(out, "fp", "recipe=fp", "epochs=8", "optim.lr=0.1")
+    return out
+
+
+def test_noise_strengths_are_laid_out_as_documented():
+    cfg = C.from_dict({"data": DATA})
+    train, test, info = build_loaders(cfg.data, 0, "cpu")
+    n, per = len(test.data), 1797 // 5  # the digits' fixed test split, at each strength
+    assert n == 4 * per and len(train.data) == 4 * (1797 - per) and info.name == "digits_noise"
+    images = test.data.images.view(4, per, -1)
+    for level, strength in enumerate(DIGITS_NOISE):
+        residual = images[level] - images[0]  # the same digit, clean and at this strength
+        assert float(residual.std()) == pytest.approx(strength, abs=0.02)
+        labels = test.data.labels[level * per : (level + 1) * per]
+        assert torch.equal(labels, test.data.labels[:per])
+    assert noise_of_test_images(n).tolist() == [s for s in DIGITS_NOISE for _ in range(per)]
+
+
+def test_controller_bits_follow_the_known_difficulty(fp_run):
+    _dq(fp_run, "dq", fp_run / "fp", "epochs=4")
+    rho = _bits_against_noise(fp_run / "dq")
+    assert abs(rho) >= 0.3, f"per-image BitOPs hardly depend on the noise strength: ρ = {rho:+.3f}"
+
+
+def test_a_controller_blind_to_its_input_fails_the_check(fp_run, monkeypatch):
+    from instaquant.controller import BitController
+
+    original = BitController.features
+    monkeypatch.setattr(BitController, "features", lambda self, tap: 0 * original(self, tap))
+    _dq(fp_run, "blind", fp_run / "fp", "epochs=1")  # blind whatever the schedule
+    rho = _bits_against_noise(fp_run / "blind")
+    assert not abs(rho) >= 0.3  # NaN (every image the same bits) or a weak correlation

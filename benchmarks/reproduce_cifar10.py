@@ -185,20 +185,72 @@ def ablation_plan(runs: list[dict], out: Path, schedule: str) -> list[dict]:
     ]
 
 
-def run_all(raws: list[dict], progress: bool) -> list[dict]:
-    """Train (or resume, or skip when finished) each run; their summary entries."""
+def run_all(raws: list[dict], progress: bool, train: bool = True) -> list[dict]:
+    """Train (or resume, or skip when finished) each run; their summary entries. With
+    ``train=False`` only the finished runs' entries, nothing trained."""
     entries = []
     for raw in raws:
         cfg = config_mod.from_dict(raw)
         summary = Path(cfg.out) / "summary.json"
         if summary.exists():
             print(f"== {cfg.name}: done before, skipped", flush=True)
+        elif not train:
+            print(f"== {cfg.name}: not finished, left out of the tables", flush=True)
+            continue
         else:
             resume = (Path(cfg.out) / "last.pt").exists()
             print(f"== {cfg.name}: {'resuming' if resume else 'training'}", flush=True)
             fit(cfg, resume=resume, progress=progress)
         entries.append(json.loads(summary.read_text())["runs"][0])
     return entries
+
+
+def machine_results(entries: list[dict]) -> list[dict]:
+    """One object per run in the form of docs/results/cifar10.json: BitOPs relative to static
+    4-bit; DQ runs with their per-image spread and headroom (see instaquant.headroom)."""
+    rows = []
+    for e in entries:
+        row = {k: e.get(k) for k in ("name", "recipe", "method", "bits", "top1", "bitops_rel")}
+        room = e.get("headroom")
+        if room is not None:
+            row.update(
+                budget_bits=e.get("budget_bits"),
+                bitops_p10=room["bitops_p10_rel"],
+                bitops_p90=room["bitops_p90_rel"],
+                rho_fp_loss=room["rho_fp_loss"],
+                oracle_top1=room["oracle_top1"],
+                oracle_bitops_rel=room["oracle_bitops_rel"],
+                monotone_oracle_top1=room["monotone_oracle_top1"],
+                monotone_oracle_bitops_rel=room["monotone_oracle_bitops_rel"],
+                captured_share=room["captured_share"],
+                uniform_top1=room["uniform_top1"],
+                uniform_bitops_rel=room["uniform_bitops_rel"],
+            )
+        rows.append(row)
+    return rows
+
+
+def headroom_table(entries: list[dict]) -> str:
+    """The DQ runs' headroom as a markdown table."""
+    lines = [
+        "| run | top-1 % | BitOPs | p90/p10 | ρ(fp loss) | uniform top-1 % | oracle | "
+        "monotone oracle | captured |",
+        "|---|---:|---:|---:|---:|---|---|---|---:|",
+    ]
+    for e in entries:
+        r = e.get("headroom")
+        if r is None:
+            continue
+        uniform = " / ".join(f"{t:.2f}" for t in r["uniform_top1"])
+        rho = "-" if r["rho_fp_loss"] is None else f"{r['rho_fp_loss']:+.3f}"
+        cap = "-" if r["captured_share"] is None else f"{100 * r['captured_share']:.0f}%"
+        lines.append(
+            f"| {e['name']} | {e['top1']:.2f} | {e['bitops_rel']:.3f}x | "
+            f"{r['bitops_p90_over_p10']:.2f} | {rho} | {uniform} | "
+            f"{r['oracle_top1']:.2f}% at {r['oracle_bitops_rel']:.3f}x | "
+            f"{r['monotone_oracle_top1']:.2f}% at {r['monotone_oracle_bitops_rel']:.3f}x | {cap} |"
+        )
+    return "\n".join(lines)
 
 
 def fp_entry(path: Path) -> dict:
@@ -230,6 +282,9 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="images per split (smoke tests)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument(
+        "--tables-only", action="store_true", help="tables of the finished runs; train nothing"
+    )
+    p.add_argument(
         "--levers",
         nargs="*",
         choices=sorted(LEVERS),
@@ -254,7 +309,8 @@ def main() -> None:
     root = args.root or extract(args.archive, args.data_dir)
     t0 = time.time()
     runs = plan(root, args.out, schedule, args.methods, args.limit, args.fp_init)
-    entries = run_all(runs, args.progress)
+    train = not args.tables_only
+    entries = run_all(runs, args.progress, train)
     if args.fp_init is not None:
         entries.insert(0, fp_entry(args.fp_init))
     wall = time.time() - t0
@@ -263,22 +319,29 @@ def main() -> None:
     (args.out / "results.json").write_text(
         json.dumps({"schedule": schedule, "runs": entries}, indent=2)
     )
+    lever_entries = []
+    if args.levers is not None:
+        names = args.levers or sorted(LEVERS)
+        lever_entries = run_all(lever_plan(runs, args.out, names), args.progress, train)
+    (args.out / "cifar10.json").write_text(
+        json.dumps({"runs": machine_results([*entries, *lever_entries])}, indent=2)
+    )
     plot = plot_accuracy_vs_bitops(
         entries, args.out / "accuracy_vs_bitops.png", f"CIFAR-10 ResNet-20 ({schedule} schedule)"
     )
     (args.out / "results.md").write_text(
         f"```\n{table}\n```\n\nschedule: {schedule}; this invocation's wall time {wall / 60:.1f} min; "
-        f"per-run wall times are in results.json (wall_s)\n"
+        f"per-run wall times are in results.json (wall_s)\n\n"
+        f"{headroom_table([*entries, *lever_entries])}\n"
     )
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {plot}")
-    if args.levers is not None:
-        names = args.levers or sorted(LEVERS)
-        extra = run_all(lever_plan(runs, args.out, names), args.progress)
+    if lever_entries:
         base = {e["name"]: e for e in entries}
-        table = format_table([base["pact_static3"], base["pact_dq_budget3"], *extra])
+        keep = [base[n] for n in ("pact_static3", "pact_dq_budget3") if n in base]
+        table = format_table([*keep, *lever_entries])
         print(table)
         (args.out / "levers.json").write_text(
-            json.dumps({"schedule": schedule, "runs": extra}, indent=2)
+            json.dumps({"schedule": schedule, "runs": lever_entries}, indent=2)
         )
         (args.out / "levers.md").write_text(f"```\n{table}\n```\n")
         print(f"wrote {args.out / 'levers.md'} and {args.out / 'levers.json'}")

@@ -74,6 +74,11 @@ def test_random_choices_vary_and_leave_the_controller_without_gradient():
     assert set(model.last.bits_w.flatten().tolist()) == {3.0, 4.0, 5.0}
     assert all(p.grad is None for p in model.controller.parameters())
     assert model.model.layer3[0].conv1.weight.grad is not None
+    model.eval()  # evaluation keeps the controller's choices
+    with torch.no_grad():
+        model(x)
+    assert (model.last.bits_w == 4).all()
+    model.train()
     model.set_random_choices(False)
     seeded_train_step(model, x, y)
     assert (model.last.bits_w == 4).all()

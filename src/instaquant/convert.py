@@ -346,15 +346,16 @@ class DynamicQuantModel(QuantModel):
         return cached
 
     def set_random_choices(self, enabled: bool) -> None:
-        """Any-precision warm-up: with ``enabled``, every image draws each layer's candidate
-        uniformly at random (in training and evaluation) and the controller is not run, so
-        it gets no gradient; the shared weights learn to work at every candidate."""
+        """Any-precision warm-up: with ``enabled``, in training mode every image draws each
+        layer's candidate uniformly at random and the controller is not run, so it gets no
+        gradient; the shared weights learn to work at every candidate. Evaluation mode keeps
+        the controller's choices."""
         self._random = bool(enabled)
 
     def _on_tap(self, module: nn.Module, inputs: tuple, out: Tensor) -> None:
         if self._forced is not None:
             sel, logits = self._forced.to(out.dtype).expand(out.shape[0], *self._forced.shape), None
-        elif self._random:
+        elif self._random and self.training:
             K, shape = len(self.spec.bits), (out.shape[0], len(self._dynamic_names))
             shape += (2,) if self.spec.separate else ()
             index = torch.randint(K, shape, device=out.device)

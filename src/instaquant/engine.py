@@ -208,6 +208,8 @@ def _summary_entry(
             controller_macs=macs,
             controller_params=params,
             controller_overhead=macs / total,
+            budget_kind=cfg.budget.kind,
+            budget_bits=cfg.budget.target_bits,
             candidate_fraction=metrics.get("candidate_fraction"),
             bitops_min=metrics.get("bitops_min"),
             bitops_max=metrics.get("bitops_max"),

@@ -1,15 +1,20 @@
 """Reproduce the paper's CIFAR-10 ResNet-20 comparison (Table 1): static DoReFa/PACT vs DQ.
 
-Runs, in order, into ``--out``: full-precision ResNet-20; static QAT at 3, 4 and 5 bits
-for each method, initialised from it; DQ with candidates {b-1, b, b+1} at the BitOPs
-of static b-bit for b = 4 and b = 3, same initialisation and schedule. Every run resumes
-from its checkpoint when the script is started again, and finished runs are skipped.
-At the end it prints the table and writes ``results.md``, ``results.json`` and the
+Runs, in order, into ``--out``: full-precision ResNet-20 (or, with ``--fp-init``, none: every
+quantized run starts from the given model); static QAT at 3 and 4 bits for each method; DQ
+with candidates {b-1, b, b+1} at the BitOPs of static b-bit for b = 3 and b = 4; static 2 and
+5 bits; all with the same initialisation, schedule and seed. Every run resumes from its
+checkpoint when the script is started again, and finished runs are skipped. At the end it
+prints the table and writes ``results.md`` (with the DQ runs' headroom), ``results.json``,
+``cifar10.json`` (the figures in the form of docs/results/cifar10.json) and the
 accuracy-vs-BitOPs plot into ``--out``.
 
-    python benchmarks/reproduce_cifar10.py --quick   # about 100 min on 2 CPU cores
+    python benchmarks/reproduce_cifar10.py --learn --fp-init FP.pt   # 6 QAT epochs, PACT
+    python benchmarks/reproduce_cifar10.py --learn --fp-init FP.pt --levers   # + one DQ run per option
+    python benchmarks/reproduce_cifar10.py --quick   # 15 fp + 2 QAT epochs, about 100 min
     python benchmarks/reproduce_cifar10.py --paper   # the full schedules (a GPU)
     python benchmarks/reproduce_cifar10.py --quick --ablations   # + about 35 min of PACT runs
+    python benchmarks/reproduce_cifar10.py --learn --fp-init FP.pt --tables-only   # no training
 
 Data: ``--archive`` (the CIFAR-10 JPEG tarball in ImageFolder layout, extracted once to
 ``--data-dir``) or ``--root`` (an extracted ``train/`` + ``test/`` folder).

@@ -2,6 +2,9 @@
 distillation (each checked on its own)."""
 
 import math
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 import instaquant as iq
 from helpers import dynamic_resnet20, seeded_train_step, varied_images
 from instaquant import config as C
-from instaquant.builder import epoch_temperature
+from instaquant.builder import epoch_progress
 from instaquant.controller import BitController
 from instaquant.cost import controller_cost
 from instaquant.engine import fit
@@ -85,10 +88,19 @@ def test_random_choices_vary_and_leave_the_controller_without_gradient():
 
 
 def test_temperature_anneals_over_the_epochs_after_the_warm_up():
-    cfg = C.from_dict({}, ["epochs=5", "quant.random_epochs=2", "quant.tau_final=0.1"])
-    taus = [epoch_temperature(cfg, e) for e in range(5)]
+    cfg = C.from_dict({}, ["epochs=5", "quant.random_epochs=2"])
+    assert [epoch_progress(cfg, e) for e in range(5)] == [0, 0, 0, 0.5, 1]
+    spec = iq.DynamicSpec(bits=(2, 3, 4), tau=1.0, tau_final=0.1)
+    model = iq.dynamic(iq.models.resnet20(), spec, torch.randn(1, 3, 16, 16))
+    taus = []
+    for e in range(5):
+        model.set_progress(epoch_progress(cfg, e))
+        taus.append(model.tau)
     assert taus[:3] == [1.0, 1.0, 1.0] and taus[4] == pytest.approx(0.1)
-    assert taus[3] == pytest.approx(math.sqrt(0.1))
+    assert taus[3] == pytest.approx(math.sqrt(0.1))  # exponential: halfway in log space
+    fixed = iq.dynamic(iq.models.resnet20(), iq.DynamicSpec(tau=0.7), torch.randn(1, 3, 16, 16))
+    fixed.set_progress(1.0)
+    assert fixed.tau == 0.7  # no tau_final: nothing to anneal
 
 
 def test_warm_up_run_trains_and_measures(tmp_path):
@@ -98,6 +110,27 @@ def test_warm_up_run_trains_and_measures(tmp_path):
     )
     entry = fit(cfg, progress=False)
     assert entry["headroom"]["controller_top1"] == pytest.approx(entry["top1"])
+
+
+def test_a_budget_that_never_binds_warns_once_with_its_numbers():
+    with pytest.warns(UserWarning, match="never binds") as seen:
+        iq.dynamic(iq.models.resnet20(), iq.DynamicSpec(bits=(2, 3, 4)), torch.randn(1, 3, 16, 16))
+    assert len(seen) == 1 and "every dynamic layer at 4 bits" in str(seen[0].message)
+    bits = iq.DynamicSpec(bits=(2, 3, 4), budget=iq.Budget(kind="bits", target_bits=4))
+    with pytest.warns(UserWarning, match="never binds"):
+        iq.dynamic(iq.models.resnet20(), bits, torch.randn(1, 3, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one below the top: no warning
+        iq.dynamic(iq.models.resnet20(), iq.DynamicSpec(bits=(3, 4, 5)), torch.randn(1, 3, 16, 16))
+
+
+def test_the_core_imports_no_config_layer():
+    code = (
+        "import sys, instaquant; "
+        "assert 'instaquant.config' not in sys.modules and 'yaml' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.startswith('instaquant'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize(

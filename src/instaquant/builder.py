@@ -11,7 +11,6 @@ from . import config as config_mod
 from . import models
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import Config, UserError
-from .controller import annealed_tau
 from .convert import DynamicQuantModel, DynamicSpec, QuantModel, dynamic, static
 from .cost import Budget
 from .data import DatasetInfo, build_loaders
@@ -162,18 +161,12 @@ def load_for_eval(
     if isinstance(model, DynamicQuantModel):
         # The temperature is not a tensor of the state: set it as training last left it.
         trained = ckpt.get("epoch", 0) if ckpt.get("step", 0) else ckpt.get("epoch", 0) - 1
-        tau = epoch_temperature(cfg, max(trained, 0))
-        if tau is not None:
-            model.set_temperature(tau)
+        model.set_progress(epoch_progress(cfg, max(trained, 0)))
     return cfg, model, {"ckpt": ckpt, "test_loader": test_loader, "info": info}
 
 
-def epoch_temperature(cfg: Config, epoch: int) -> float | None:
-    """The annealed controller temperature of (0-based) ``epoch``, or ``None`` without
-    annealing (``quant.tau_final`` unset). Annealing spans the epochs after the random-choice
-    warm-up (``quant.random_epochs``), when the controller trains."""
-    if cfg.quant.tau_final is None:
-        return None
+def epoch_progress(cfg: Config, epoch: int) -> float:
+    """How far the controller's training is at (0-based) ``epoch``, 0 → 1: the temperature
+    anneals over the epochs after the random-choice warm-up (``quant.random_epochs``)."""
     start = cfg.quant.random_epochs
-    progress = max(epoch - start, 0) / max(cfg.epochs - 1 - start, 1)
-    return annealed_tau(cfg.quant.tau, cfg.quant.tau_final, progress)
+    return max(epoch - start, 0) / max(cfg.epochs - 1 - start, 1)

@@ -16,16 +16,13 @@ from typing import Any
 import yaml
 
 from .cost import BUDGET_KINDS
+from .errors import UserError
 
 RECIPES = ("fp", "static", "dynamic")
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
 DATASETS = ("digits", "digits_noise", "cifar10", "cifar100", "imagefolder")
 # String keys documented as yes | no, which YAML 1.1 reads (unquoted) as booleans.
 YES_NO_KEYS = ("data.cache",)
-
-
-class UserError(Exception):
-    """A problem with what the user asked for; the CLI prints it as one line, exit status 2."""
 
 
 class ConfigError(UserError):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .controller import BitController, select
+from .controller import BitController, annealed_tau, select
 from .cost import BITOPS_CONVENTION, Budget, LayerInfo, Profile, bitops_at, controller_cost, probe
 from .layers import EXECUTIONS, DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
 from .quant.methods import METHODS, min_bits
@@ -464,6 +464,13 @@ class DynamicQuantModel(QuantModel):
         check_temperature(tau, "tau")
         self.tau = float(tau)
 
+    def set_progress(self, progress: float) -> None:
+        """Anneal the Gumbel temperature from ``spec.tau`` to ``spec.tau_final`` as training
+        ``progress`` goes 0 → 1 (call it each epoch with ``epoch / (epochs - 1)``); nothing
+        changes when ``tau_final`` is unset."""
+        if self.spec.tau_final is not None:
+            self.set_temperature(annealed_tau(self.spec.tau, self.spec.tau_final, progress))
+
     def budget_loss(self) -> Tensor:
         """``weight · max(0, cost − target)`` for the latest forward (see :class:`Budget`)."""
         if self.last is None:
@@ -578,6 +585,7 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
             f"budget target {spec.budget.target_bits} bits is below the cheapest candidate "
             f"{spec.bits[0]}: infeasible"
         )
+    _warn_if_never_binding(spec, layers)
     swap_switchable_bns(model, bn_pairs, len(spec.bits))
     controller = BitController(
         tap_shape[0],
@@ -596,6 +604,23 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
     result.to(first.device)
     result.example_shape = tuple(example_input.shape[1:])
     return result
+
+
+def _warn_if_never_binding(spec: DynamicSpec, layers: list[LayerInfo]) -> None:
+    """A budget at or above the most expensive choice constrains nothing: say so once."""
+    if spec.budget.kind == "bitops":
+        costliest = sum(i.macs * i.bits[0] ** 2 for i in layers if i.role == "static")
+        costliest += sum(i.macs * spec.bits[-1] ** 2 for i in layers if i.role == "dynamic")
+        target, what = spec.budget.target(layers), "BitOPs"
+    else:
+        costliest, target, what = spec.bits[-1], spec.budget.target_bits, "bits"
+    if target >= costliest:
+        warnings.warn(
+            f"budget target {target:.4g} {what} is at or above the most expensive choice "
+            f"({costliest:.4g}, every dynamic layer at {spec.bits[-1]} bits): the budget never "
+            "binds; lower the target or add a higher candidate",
+            stacklevel=3,
+        )
 
 
 def static(

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import config as config_mod
 from . import distributed
-from .builder import build_model, epoch_temperature, init_model, resolve_device, signed_plan
+from .builder import build_model, epoch_progress, init_model, resolve_device, signed_plan
 from .checkpoint import atomic_save, load_checkpoint, load_model_state, save_checkpoint
 from .config import Config, UserError
 from .convert import DynamicQuantModel, QuantModel
@@ -394,11 +394,9 @@ def _train(
             # Seeding per epoch makes a resumed run replay exactly the uninterrupted one.
             torch.manual_seed(cfg.seed * 1_000_003 + epoch)
             train_loader.set_epoch(epoch)
-            tau = epoch_temperature(cfg, epoch)
             if isinstance(model, DynamicQuantModel):
                 model.set_random_choices(epoch < cfg.quant.random_epochs)
-                if tau is not None:
-                    model.set_temperature(tau)
+                model.set_progress(epoch_progress(cfg, epoch))
             loop = _EpochLoop(net, model, opt, cfg, ctx, epoch, steps, progress, stop, teacher)
             train_stats = loop.run(train_loader, skip_steps, mid_epoch)
             wall += time.time() - t0

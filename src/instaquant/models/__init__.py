@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..config import UserError
+from ..errors import UserError
 from .cifar_resnet import CifarResNet, resnet20, resnet32, resnet56
 from .digits import DigitsNet, digits_net
 

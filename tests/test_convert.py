@@ -470,3 +470,15 @@ def test_exclude_by_an_alias_keeps_the_layer_full_precision():
     dq = iq.dynamic(model, spec, example_input=torch.randn(1, 3, 8, 8))
     assert type(dq.model.alias) is torch.nn.Conv2d and dq.model.alias is dq.model.body
     assert {i.name: i.role for i in dq.layers}["body"] == "fp"
+
+
+def test_every_argument_is_documented_one_per_line():
+    import dataclasses
+    import inspect
+
+    doc = iq.DynamicSpec.__doc__
+    for f in dataclasses.fields(iq.DynamicSpec):
+        assert f"\n        {f.name} (" in doc, f.name
+    static_doc = iq.static.__doc__
+    for name in inspect.signature(iq.static).parameters:
+        assert f"\n        {name} (" in static_doc, name

@@ -52,26 +52,40 @@ def _check_method(method: str, bits: tuple[int, ...]) -> None:
 class DynamicSpec:
     """Everything :func:`dynamic` needs to know. Validated on construction.
 
-    method: quantizer (dorefa, pact, lsq, lqnets). bits: candidate bit-widths, ascending.
-    budget: compute budget and regularizer weight. tap: module whose output feeds the
-    controller (default ``layer1``, or ``features.3`` for MobileNet-style models).
-    fixed_bits: bit-width of quantized layers up to the tap (default: middle candidate).
-    first_last: ``fp`` keeps first conv and last linear full precision, ``8bit`` quantizes
-    them at 8 bits, ``quantize`` treats them like any other layer.
-    exclude: fnmatch patterns of layer names kept full precision.
-    separate: choose weight and activation bits separately. share: one learned clip/step
-    for all candidates. signed: per-layer override of the signed-activation detection.
-    hidden, dropout, controller_norm: the controller's width, dropout and whether it
-    standardizes its pooled input features (see :class:`BitController`).
-    controller_grid, controller_stats: the controller's input, the tap averaged over a
-    grid of cells (1: global pooling) and, with stats, each channel's standard deviation and
-    gradient energy (see :class:`BitController`).
-    candidate_bn: each BatchNorm that reads a dynamic conv's output keeps one copy (running
-    statistics and affine parameters) per candidate, and each image is normalized by the copy
-    of the candidate its layer chose (switchable BN; joint choices only).
-    tau, tau_final: Gumbel temperature (annealed by the trainer when tau_final is set).
-    sample_in_eval: Gumbel sampling also in evaluation (official-code behaviour).
-    execution: ``fast`` (routed inference) or ``reference`` (mixture over all branches).
+    Attributes:
+        method (str, "pact"): the quantizer: dorefa, pact, lsq or lqnets.
+        bits (tuple[int, ...], (3, 4, 5)): candidate bit-widths, sorted ascending.
+        budget (Budget, Budget()): compute budget and the weight of its hinge regularizer.
+        tap (str | None, None): module whose output feeds the controller; None guesses
+            ``layer1`` (ResNets) or ``features.3`` (MobileNet-style models).
+        fixed_bits (int | None, None): bits of the quantized layers up to the tap; None
+            takes the middle candidate.
+        first_last (str, "fp"): ``fp`` keeps the first conv and the last linear full
+            precision, ``8bit`` quantizes them at 8 bits, ``quantize`` treats them like any
+            other layer.
+        exclude (tuple[str, ...], ()): fnmatch patterns of layers kept full precision (one
+            string is one pattern).
+        separate (bool, False): weights and activations choose their bits separately.
+        share (bool, False): one learned clip/step shared by all candidates of a layer.
+        signed (dict[str, bool], {}): per-layer override of the signed-activation detection.
+        hidden (int, 128): width of the controller's hidden layer.
+        dropout (float, 0.1): dropout in the controller, in [0, 1).
+        controller_norm (bool, True): standardize the controller's input features.
+        controller_grid (int, 1): the tap averaged over a grid x grid layout of cells (1:
+            global pooling); any input resolution works.
+        controller_stats (bool, False): the controller also sees each tap channel's
+            standard deviation and gradient energy (see :class:`BitController`).
+        candidate_bn (bool, False): each BatchNorm that reads a dynamic conv's output keeps
+            one copy (statistics and affine parameters) per candidate, and each image is
+            normalized by the copy of its layer's choice (switchable BN; not with separate).
+        tau (float, 1.0): Gumbel-Softmax temperature of training (and of sample_in_eval).
+        tau_final (float | None, None): temperature that ``set_progress(1.0)`` anneals to;
+            None keeps ``tau``.
+        sample_in_eval (bool, False): Gumbel sampling also in evaluation (the official
+            code's behaviour; the default is the deterministic argmax).
+        execution (str, "fast"): ``fast`` routes each sample to its branch in evaluation and
+            trains on the exact row-split path; ``reference`` runs the mixture of all
+            branches as the paper's code does.
     """
 
     method: str = "pact"
@@ -633,7 +647,20 @@ def static(
     share: bool = False,
     signed: dict[str, bool] | None = None,
 ) -> StaticQuantModel:
-    """The fixed-bit baseline with the same full-precision/quantized layer choices as :func:`dynamic`."""
+    """The fixed-bit baseline with the same full-precision/quantized layer choices as :func:`dynamic`.
+
+    Args:
+        model (nn.Module): the full-precision network (a deep copy is converted).
+        method (str): the quantizer: dorefa, pact, lsq or lqnets.
+        bits (int): the one bit-width of every quantized layer, 1..8.
+        example_input (Tensor): one batch of the input size, for the shape probe; BitOPs are
+            counted at its size.
+        first_last (str, "fp"): ``fp``, ``8bit`` or ``quantize``, as in :class:`DynamicSpec`.
+        exclude (tuple[str, ...], ()): fnmatch patterns of layers kept full precision.
+        share (bool, False): kept for symmetry with :class:`DynamicSpec` (one candidate).
+        signed (dict[str, bool] | None, None): per-layer override of the signed-activation
+            detection.
+    """
     _check_bits((bits,), "bits")
     _check_method(method, (bits,))
     if first_last not in FIRST_LAST:

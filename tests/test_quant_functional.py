@@ -141,6 +141,33 @@ def test_lsq_step_gradient_matches_paper(signed):
     torch.testing.assert_close(step.grad, g * (upstream * per_element).sum())
 
 
+def test_lsq_activation_step_gradient_counts_one_samples_features():
+    # N_F of the LSQ paper: the step's gradient scale is 1/sqrt(C*H*W*Q_P) whatever the batch,
+    # so a batch of two identical halves gives exactly twice one half's gradient.
+    from instaquant.quant.methods import LSQActivation, LSQWeight
+
+    half = _randn(3 * 4 * 5, seed=11, scale=2.0).double().view(1, 3, 4, 5).abs()
+    grads = []
+    for batch in (half, torch.cat([half, half])):
+        q = LSQActivation((3,)).double()
+        q.step.data.fill_(0.4)
+        q.set_initialized(True)
+        q(batch, 0).sum().backward()
+        grads.append(q.step.grad.clone())
+    torch.testing.assert_close(grads[1], 2 * grads[0], atol=1e-12, rtol=0)
+    step = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    Fq.lsq(half, step, 3, False, features=60).sum().backward()
+    torch.testing.assert_close(grads[0], step.grad.view(1), atol=0, rtol=0)
+    # Weights keep N = every element of the tensor.
+    w = LSQWeight((3,)).double()
+    w.step.data.fill_(0.4)
+    w.set_initialized(True)
+    w(half, 0).sum().backward()
+    step = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    Fq.lsq(half, step, 3, True).sum().backward()
+    torch.testing.assert_close(w.step.grad, step.grad.view(1), atol=0, rtol=0)
+
+
 def test_lsq_gradient_wrt_input_is_clipped_ste():
     v = torch.linspace(-3, 3, 61, dtype=torch.float64).requires_grad_()
     step = torch.tensor(0.5, dtype=torch.float64)

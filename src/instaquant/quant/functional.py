@@ -84,10 +84,15 @@ def lsq_bounds(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def lsq(v: Tensor, step: Tensor, bits: int, signed: bool) -> Tensor:
-    """LSQ: ``v_q = round(clamp(v / s, -Q_N, Q_P)) s`` with ``s``'s gradient scaled by ``1/sqrt(N Q_P)``."""
+def lsq(v: Tensor, step: Tensor, bits: int, signed: bool, features: int | None = None) -> Tensor:
+    """LSQ: ``v_q = round(clamp(v / s, -Q_N, Q_P)) s`` with ``s``'s gradient scaled by ``1/sqrt(N Q_P)``.
+
+    ``N`` is ``features`` when given (the LSQ paper's N_F for activations: the features of one
+    sample, so the step's gradient does not change with the batch size), else ``v.numel()``
+    (the weights).
+    """
     q_n, q_p = lsq_bounds(bits, signed)
-    g = 1.0 / (v.numel() * q_p) ** 0.5
+    g = 1.0 / ((features or v.numel()) * q_p) ** 0.5
     s = grad_scale(step, g)
     return round_ste((v / s).clamp(-q_n, q_p)) * s
 

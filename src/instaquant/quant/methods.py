@@ -209,9 +209,13 @@ class LSQQuantizer(_LazyInit):
     def initial_value(self, v: Tensor, index: int) -> Tensor:
         return F_q.lsq_init_step(v, self.bits[index], self.signed)
 
+    # Elements of v that the step's gradient scale counts: all (weights) or one sample's.
+    per_sample = False
+
     def forward(self, v: Tensor, index: int) -> Tensor:
         self.maybe_init(self.step, v)
-        return F_q.lsq(v, self.step[self.slot(index)], self.bits[index], self.signed)
+        features = v[0].numel() if self.per_sample and v.dim() > 1 else None
+        return F_q.lsq(v, self.step[self.slot(index)], self.bits[index], self.signed, features)
 
     def infer(self, v: Tensor, index: int, inplace: bool = False) -> Tensor:
         self.maybe_init(self.step, v)
@@ -234,7 +238,10 @@ class LSQWeight(LSQQuantizer):
 
 
 class LSQActivation(LSQQuantizer):
-    """LSQ activation quantizer; the step is set from the first batch it sees."""
+    """LSQ activation quantizer; the step is set from the first batch it sees. Its gradient
+    scale counts one sample's features (N_F), so it does not depend on the batch size."""
+
+    per_sample = True
 
     def __init__(self, bits: tuple[int, ...], signed: bool = False, share: bool = False) -> None:
         super().__init__(bits, signed=signed, share=share)

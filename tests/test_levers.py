@@ -124,6 +124,23 @@ def test_a_budget_that_never_binds_warns_once_with_its_numbers():
         iq.dynamic(iq.models.resnet20(), iq.DynamicSpec(bits=(3, 4, 5)), torch.randn(1, 3, 16, 16))
 
 
+def test_evaluation_with_autograd_on_warns_once():
+    model = iq.dynamic(iq.models.resnet20(), iq.DynamicSpec(), torch.randn(1, 3, 16, 16)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match="torch.no_grad") as seen:
+        model(x)
+        model(x)
+    assert len([w for w in seen if "no_grad" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(x)  # routed: nothing to say
+        model.requires_grad_(False)
+        model(x)  # nothing can want a gradient: the layers route
+        model.train()
+        model(x)  # training computes the branches it needs
+
+
 def test_the_core_imports_no_config_layer():
     code = (
         "import sys, instaquant; "

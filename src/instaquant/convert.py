@@ -440,8 +440,24 @@ class DynamicQuantModel(QuantModel):
         return found
 
     # ---------------------------------------------------------------- forward
+    def warn_if_unrouted_eval(self) -> None:
+        """Say once that evaluation with autograd on computes every candidate's branch."""
+        if self.training or not torch.is_grad_enabled() or self.__dict__.get("_eval_warned"):
+            return
+        if not any(p.requires_grad for p in self.parameters()):
+            return  # frozen: no gradient to keep, the layers route on their own
+        self.__dict__["_eval_warned"] = True
+        warnings.warn(
+            "evaluation with autograd enabled runs every candidate's branch of each dynamic "
+            f"layer (about {len(self.spec.bits)}x the compute) so that gradients stay exact; "
+            "run it under torch.no_grad() or torch.inference_mode() to send each image "
+            "through its chosen branch only",
+            stacklevel=3,
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         self.warn_if_other_size(x)
+        self.warn_if_unrouted_eval()
         self._pending = None
         self.last = None  # a forward that raises leaves no stale record of an earlier batch
         try:

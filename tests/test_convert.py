@@ -482,3 +482,23 @@ def test_every_argument_is_documented_one_per_line():
     static_doc = iq.static.__doc__
     for name in inspect.signature(iq.static).parameters:
         assert f"\n        {name} (" in static_doc, name
+
+
+def test_signed_plan_travels_in_the_state_dict():
+    fp = iq.models.resnet20()
+    example = torch.randn(1, 3, 16, 16)
+    trained = iq.dynamic(fp, iq.DynamicSpec(signed={"layer2.0.conv1": True}), example)
+    state = trained.state_dict()
+    assert bool(state["model.layer2.0.conv1.aq.signed_input"])
+    assert not bool(state["model.layer2.0.conv2.aq.signed_input"])
+    rebuilt = iq.dynamic(fp, iq.DynamicSpec(), example)  # the probe finds layer2.0.conv1 unsigned
+    with pytest.raises(RuntimeError, match=r"layer2\.0\.conv1\.aq quantizes signed values"):
+        rebuilt.load_state_dict(state)
+    same = iq.dynamic(fp, iq.DynamicSpec(signed={"layer2.0.conv1": True}), example)
+    same.load_state_dict(state)
+    # Checkpoints written before the plan was saved still load.
+    same.load_state_dict({k: v for k, v in state.items() if not k.endswith(".signed_input")})
+    from instaquant.checkpoint import CheckpointError, load_model_state
+
+    with pytest.raises(CheckpointError, match="1 activation quantizers signed in one"):
+        load_model_state(rebuilt, state, "the checkpoint")

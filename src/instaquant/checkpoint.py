@@ -102,7 +102,17 @@ def _mismatch(own: dict[str, Any], state: dict[str, Any]) -> str:
         for k in own
         if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
     ]
+    signed = [
+        k.rsplit(".", 1)[0]
+        for k in own
+        if k.endswith(".signed_input") and k in state and bool(state[k]) != bool(own[k])
+    ]
     parts = []
+    if signed:
+        parts.append(
+            f"{len(signed)} activation quantizers signed in one and unsigned in the other "
+            f"({some(signed)})"
+        )
     if missing:
         parts.append(f"{len(missing)} entries missing ({some(missing)})")
     if unexpected:

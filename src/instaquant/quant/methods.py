@@ -30,6 +30,34 @@ class Quantizer(nn.Module):
     def num_slots(self) -> int:
         return 1 if self.share else len(self.bits)
 
+    # Whether a quantizer is signed is decided at conversion (from the example input), not
+    # learned: it travels in the state dict as ``signed_input`` so that weights trained with one
+    # plan cannot load silently into a model built with the other.
+    SIGNED_KEY = "signed_input"
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if hasattr(self, "signed"):
+            destination[prefix + self.SIGNED_KEY] = torch.tensor(bool(self.signed))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        key = prefix + self.SIGNED_KEY
+        saved = state_dict.get(key)
+        if saved is not None and hasattr(self, "signed") and bool(saved) != bool(self.signed):
+            word = {True: "signed", False: "unsigned"}
+            error_msgs.append(
+                f"{prefix.rstrip('.')} quantizes {word[bool(saved)]} values in the checkpoint "
+                f"but {word[bool(self.signed)]} ones in this model (the signed plan comes from "
+                "the conversion example: convert with the same example, or pass signed=)"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in unexpected_keys:  # not a parameter or buffer: checked above
+            unexpected_keys.remove(key)
+
     def slot(self, index: int) -> int:
         return 0 if self.share else index
 

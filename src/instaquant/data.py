@@ -109,6 +109,11 @@ def random_resized_crop_flip(x: Tensor, size: int, gen: torch.Generator) -> Tens
 # --------------------------------------------------------------------------- loaders
 
 
+# Added to a seed per rank, so that ranks draw different noise (rank 0 keeps the
+# single-process seed): far above any epoch count, so no two (epoch, rank) pairs collide.
+RANK_STRIDE = 1_000_000_007
+
+
 class TensorLoader:
     """Batches of an in-memory dataset, augmented and normalized on the fly.
 
@@ -171,7 +176,9 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         idx = self._indices()
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7)
+        # Augmentation draws its own stream per rank (rank 0: the single-process stream).
+        seed = self.seed * 100_003 + self.epoch + 7 + RANK_STRIDE * self.rank
+        gen = torch.Generator().manual_seed(seed)
         drop_last = self.train and len(idx) >= self.batch_size
         stop = len(idx) - (len(idx) % self.batch_size if drop_last else 0)
         for start in range(0, stop, self.batch_size):

@@ -36,6 +36,15 @@ class DistContext:
             dist.all_reduce(t, op=red[op])
         return t
 
+    def all_gather(self, t: Tensor) -> list[Tensor]:
+        """Every rank's ``t`` (on the CPU), in rank order; ``[t]`` in one process."""
+        if not self.enabled:
+            return [t.cpu()]
+        t = t.to(self.device)
+        found = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(found, t)
+        return [f.cpu() for f in found]
+
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         """Rank 0's buffers (BN running statistics, LQ-Nets bases) everywhere.
 

@@ -24,7 +24,7 @@ from .checkpoint import atomic_save, load_checkpoint, load_model_state, save_che
 from .config import Config, UserError
 from .convert import DynamicQuantModel, QuantModel
 from .cost import BITOPS_CONVENTION, controller_cost
-from .data import build_loaders
+from .data import RANK_STRIDE, build_loaders
 from .distributed import DistContext
 from .evaluation import evaluate, reference_bitops
 from .headroom import measure_headroom
@@ -391,8 +391,9 @@ def _train(
     try:
         for epoch in range(start_epoch, last_epoch):
             t0 = time.time()
-            # Seeding per epoch makes a resumed run replay exactly the uninterrupted one.
-            torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+            # Seeding per epoch makes a resumed run replay exactly the uninterrupted one; each
+            # rank its own stream (Gumbel noise, dropout), rank 0 that of a single process.
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch + RANK_STRIDE * ctx.rank)
             train_loader.set_epoch(epoch)
             if isinstance(model, DynamicQuantModel):
                 model.set_random_choices(epoch < cfg.quant.random_epochs)
@@ -533,16 +534,25 @@ class _EpochLoop:
 
         Under DDP a collective (the sums over all ranks): call it on every rank.
         """
+        # Every rank's generator state (each rank draws its own noise); collectives, so in
+        # the same order on every rank.
         state: dict[str, Any] = {"rng": torch.get_rng_state()}
+        state["rank_rng"] = self.ctx.all_gather(torch.get_rng_state())
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            if self.ctx.device.type == "cuda":
+                own = torch.cuda.get_rng_state(self.ctx.device)
+                state["rank_cuda_rng"] = self.ctx.all_gather(own)
         state["sums"] = self.ctx.all_reduce(self.sums.clone().to(self.ctx.device)).cpu()
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["rng"])
+        rank = self.ctx.rank
+        torch.set_rng_state(state.get("rank_rng", [state["rng"]] * (rank + 1))[rank])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+            if "rank_cuda_rng" in state and self.ctx.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rank_cuda_rng"][rank], self.ctx.device)
         # The sums over all ranks go to rank 0 alone: the epoch's final all_reduce adds them once.
         if "sums" in state and self.ctx.is_main:
             self.sums.copy_(state["sums"])

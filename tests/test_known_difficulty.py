@@ -96,3 +96,20 @@ def test_a_controller_blind_to_its_input_fails_the_check(fp_run, monkeypatch):
     _dq(fp_run, "blind", fp_run / "fp", "epochs=1")  # blind whatever the schedule
     rho = _bits_against_noise(fp_run / "blind")
     assert not abs(rho) >= 0.3  # NaN (every image the same bits) or a weak correlation
+
+
+def test_demo_line_relates_bits_to_the_noise_strength(tmp_path):
+    from instaquant.demo import noise_line
+
+    path = tmp_path / "per_sample.csv"
+    # Two images per strength; BitOPs rise with the strength except for one tie.
+    bitops = [4, 4, 4, 9, 9, 16, 16, 16]
+    path.write_text("index,bitops\n" + "".join(f"{i},{b}\n" for i, b in enumerate(bitops)))
+    line = noise_line(path)
+    noise = noise_of_test_images(8)
+    rho = spearman(torch.tensor(bitops, dtype=torch.float64), noise)
+    assert f"ρ = {rho:+.3f}" in line and rho > 0.8
+    mean = sum(bitops) / 8
+    assert f"σ=0: {4 / mean:.3f}x" in line and f"σ=0.6: {16 / mean:.3f}x" in line
+    path.write_text("index,bitops\n0,4\n1,9\n2,16\n")  # a subset: no strengths to compare
+    assert "subset" in noise_line(path)

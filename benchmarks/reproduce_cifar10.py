@@ -262,7 +262,15 @@ def fp_entry(path: Path) -> dict:
     """The table's full-precision row from the checkpoint the quantized runs started from."""
     ckpt = load_checkpoint(path)
     top1 = ckpt["metrics"].get("test_top1")
-    return {"name": "fp", "recipe": "fp", "bits": None, "top1": top1, "init": str(path)}
+    return {
+        "name": "fp",
+        "recipe": "fp",
+        "method": None,
+        "bits": None,
+        "top1": top1,
+        "bitops_rel": None,
+        "init": str(path),
+    }
 
 
 def main() -> None:

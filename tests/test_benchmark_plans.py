@@ -131,3 +131,34 @@ def test_ratio_over_time_runs_and_plots_on_a_small_model(monkeypatch, tmp_path, 
         assert float(static_ms) > 0 and float(dynamic_ms) > 0
         assert float(ratio) == pytest.approx(float(dynamic_ms) / float(static_ms), abs=0.1)
     assert "ratio: median" in out and png.stat().st_size > 0
+
+
+def test_machine_results_and_tables_of_finished_runs_only(tmp_path, monkeypatch):
+    script = _script()
+    runs = script.plan(tmp_path / "data", tmp_path / "out", "learn", ["pact"], None, tmp_path)
+    monkeypatch.setattr(script, "fit", lambda *a, **k: pytest.fail("trained with train=False"))
+    assert script.run_all(runs, False, train=False) == []  # nothing finished yet
+    room = {
+        "bitops_p10_rel": 0.5,
+        "bitops_p90_rel": 0.6,
+        "bitops_p90_over_p10": 1.2,
+        "rho_fp_loss": 0.25,
+        "oracle_top1": 90.0,
+        "oracle_bitops_rel": 0.4,
+        "monotone_oracle_top1": 85.0,
+        "monotone_oracle_bitops_rel": 0.45,
+        "captured_share": 0.1,
+        "uniform_top1": [80.0, 83.0, 84.0],
+        "uniform_bitops_rel": [0.25, 0.5625, 1.0],
+    }
+    dq = {"name": "pact_dq_budget3", "recipe": "dynamic", "method": "pact", "bits": [2, 3, 4]}
+    dq.update(top1=83.5, bitops_rel=0.55, budget_bits=3.0, headroom=room)
+    static = {"name": "pact_static4", "recipe": "static", "method": "pact", "bits": [4]}
+    static.update(top1=84.0, bitops_rel=1.0)
+    rows = script.machine_results([static, dq])
+    assert rows[0] == {**static}
+    assert rows[1]["bitops_p10"] == 0.5 and rows[1]["captured_share"] == 0.1
+    assert rows[1]["oracle_bitops_rel"] == 0.4 and rows[1]["budget_bits"] == 3.0
+    table = script.headroom_table([static, dq])
+    assert "| pact_dq_budget3 | 83.50 | 0.550x | 1.20 | +0.250 |" in table
+    assert "pact_static4" not in table and "90.00% at 0.400x" in table

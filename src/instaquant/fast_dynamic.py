@@ -17,10 +17,9 @@ Quantizer gradients (PACT α, LSQ step, DoReFa through tanh) flow through the qu
 autograd. Each candidate's quantized weight is computed once per call. Activation
 quantizers that act element by element with parameter gradients summed over elements
 (PACT, DoReFa) are differentiated on each candidate's rows only (their full-batch values are
-computed without autograd); any other quantizer (LSQ, whose step gradient is scaled by the
-tensor's size, or a quantizer this module does not know) is applied with autograd to the
-whole batch exactly as the reference does, so its gradient is the reference's by
-construction.
+computed without autograd); any other quantizer (LSQ, LQ-Nets, or a quantizer this module
+does not know) is applied with autograd to the whole batch exactly as the reference does, so
+its gradient is the reference's by construction.
 """
 
 from __future__ import annotations

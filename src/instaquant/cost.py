@@ -53,6 +53,20 @@ def _macs(module: nn.Module, out: Tensor) -> int:
     return per_sample_out * module.in_features
 
 
+def forward_with_hooks(model: nn.Module, example_input: Tensor, handles: list) -> None:
+    """One forward of ``example_input`` in eval mode without autograd, for the hooks behind
+    ``handles``; afterwards the hooks are removed and the mode restored, whatever happened."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> ProbeResult:
     """Run ``example_input`` once (eval mode, no grad) and describe every Conv2d/Linear.
 
@@ -110,15 +124,7 @@ def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> Pr
             handles.append(module.register_forward_hook(hook_for(name)))
     if tap is not None:
         handles.append(tap_module.register_forward_hook(tap_hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, example_input, handles)
     if tap is not None and not tap_shape:
         raise ValueError(f"tap module {tap!r} did not run in the forward pass")
     return ProbeResult([infos[n] for n in order], tap_shape[0] if tap_shape else None)

@@ -21,6 +21,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from .cost import forward_with_hooks
 from .routing import plan_keys, take_rows
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -191,15 +192,7 @@ def find_following_bns(
         inside = any(name.startswith(f"{s}.") for s in switchable)  # already swapped
         if isinstance(module, _BATCH_NORMS) and not inside:
             handles.append(module.register_forward_pre_hook(before_bn(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, example_input, handles)
     return pairs
 
 

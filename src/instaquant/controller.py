@@ -64,13 +64,13 @@ class BitController(nn.Module):
         """The flat input features ``[B, F]`` of a tap output."""
         if tap.dim() != 4:
             return torch.flatten(tap, 1)
-        parts = [torch.flatten(self.pool(tap), 1)]
-        if self.stats:
-            parts.append(tap.flatten(2).std(dim=2, correction=0))
-            dx = (tap[..., :, 1:] - tap[..., :, :-1]).abs().mean(dim=(2, 3))
-            dy = (tap[..., 1:, :] - tap[..., :-1, :]).abs().mean(dim=(2, 3))
-            parts.append(dx + dy)
-        return torch.cat(parts, 1)
+        pooled = torch.flatten(self.pool(tap), 1)
+        if not self.stats:
+            return pooled
+        std = tap.flatten(2).std(dim=2, correction=0)
+        dx = (tap[..., :, 1:] - tap[..., :, :-1]).abs().mean(dim=(2, 3))
+        dy = (tap[..., 1:, :] - tap[..., :-1, :]).abs().mean(dim=(2, 3))
+        return torch.cat([pooled, std, dx + dy], 1)
 
     def forward(self, features: Tensor) -> Tensor:
         h = self.features(features)

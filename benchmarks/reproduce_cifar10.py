@@ -228,6 +228,7 @@ def machine_results(entries: list[dict]) -> list[dict]:
                 monotone_oracle_top1=room["monotone_oracle_top1"],
                 monotone_oracle_bitops_rel=room["monotone_oracle_bitops_rel"],
                 captured_share=room["captured_share"],
+                ranked_top1={k: v["top1"] for k, v in room.get("ranked_top1", {}).items()},
                 uniform_top1=room["uniform_top1"],
                 uniform_bitops_rel=room["uniform_bitops_rel"],
             )
@@ -239,8 +240,8 @@ def headroom_table(entries: list[dict]) -> str:
     """The DQ runs' headroom as a markdown table."""
     lines = [
         "| run | top-1 % | BitOPs | p90/p10 | ρ(fp loss) | uniform top-1 % | oracle | "
-        "monotone oracle | captured |",
-        "|---|---:|---:|---:|---:|---|---|---|---:|",
+        "monotone oracle | captured | ranked by fp loss / cheapest confidence |",
+        "|---|---:|---:|---:|---:|---|---|---|---:|---|",
     ]
     for e in entries:
         r = e.get("headroom")
@@ -253,9 +254,21 @@ def headroom_table(entries: list[dict]) -> str:
             f"| {e['name']} | {e['top1']:.2f} | {e['bitops_rel']:.3f}x | "
             f"{r['bitops_p90_over_p10']:.2f} | {rho} | {uniform} | "
             f"{r['oracle_top1']:.2f}% at {r['oracle_bitops_rel']:.3f}x | "
-            f"{r['monotone_oracle_top1']:.2f}% at {r['monotone_oracle_bitops_rel']:.3f}x | {cap} |"
+            f"{r['monotone_oracle_top1']:.2f}% at {r['monotone_oracle_bitops_rel']:.3f}x | {cap} | "
+            f"{_ranked_cell(r)} |"
         )
     return "\n".join(lines)
+
+
+def _ranked_cell(room: dict) -> str:
+    """The fp-loss and cheapest-confidence ranked allocations (see instaquant.headroom)."""
+    ranked = room.get("ranked_top1", {})
+    cells = [
+        f"{ranked[k]['top1']:.2f} ({ranked[k]['bits'][0]}+{ranked[k]['bits'][1]})"
+        for k in ("fp_loss", "cheapest_confidence")
+        if k in ranked
+    ]
+    return " / ".join(cells) or "-"
 
 
 def fp_entry(path: Path) -> dict:

@@ -150,6 +150,10 @@ def test_machine_results_and_tables_of_finished_runs_only(tmp_path, monkeypatch)
         "captured_share": 0.1,
         "uniform_top1": [80.0, 83.0, 84.0],
         "uniform_bitops_rel": [0.25, 0.5625, 1.0],
+        "ranked_top1": {
+            "fp_loss": {"top1": 81.25, "bits": [2, 4]},
+            "cheapest_confidence": {"top1": 82.5, "bits": [3, 4]},
+        },
     }
     dq = {"name": "pact_dq_budget3", "recipe": "dynamic", "method": "pact", "bits": [2, 3, 4]}
     dq.update(top1=83.5, bitops_rel=0.55, budget_bits=3.0, headroom=room)
@@ -162,3 +166,5 @@ def test_machine_results_and_tables_of_finished_runs_only(tmp_path, monkeypatch)
     table = script.headroom_table([static, dq])
     assert "| pact_dq_budget3 | 83.50 | 0.550x | 1.20 | +0.250 |" in table
     assert "pact_static4" not in table and "90.00% at 0.400x" in table
+    assert table.splitlines()[-1].endswith("| 81.25 (2+4) / 82.50 (3+4) |")
+    assert rows[1]["ranked_top1"] == {"fp_loss": 81.25, "cheapest_confidence": 82.5}

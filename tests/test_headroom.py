@@ -70,6 +70,34 @@ def test_spread_and_correlations_by_hand():
     assert _hand_example().summary()["rho_fp_loss"] is None
 
 
+def test_ranked_allocations_by_hand():
+    loss = torch.tensor([0.1, 0.5, 2.0, 1.0, 0.2], dtype=torch.float64)
+    h = _hand_example(fp_loss=loss)
+    # 9.8 BitOPs between 9 and 16: (9.8 - 9) / 7 of 5 images, rounded to 1, at 4 bits. By fp
+    # loss the hardest is image 2 (right at 4 bits); the rest at 3 bits miss image 3.
+    assert h.ranked(loss, 9.8, (1, 2)) == pytest.approx(80.0, abs=1e-12)
+    # Outside the pair everything runs at its nearer end.
+    assert h.ranked(loss, 4.0, (0, 1)) == pytest.approx(60.0)
+    assert h.ranked(loss, 99.0, (1, 2)) == pytest.approx(80.0)
+    # 6.5 BitOPs: half of the way from 4 to 9, so 2 (of 2.5) images at 3 bits, by fp loss
+    # images 2 and 3: both wrong at 3 bits; the others at 2 bits are right but image 1.
+    assert h.ranked(loss, 6.5, (0, 1)) == pytest.approx(40.0, abs=1e-12)
+    # Pairs around 9.8: 2+4 bits (2 images at 4) and 3+4 bits (1 image); both give 80%, the
+    # later pair wins the tie.
+    ranked = h.summary()["ranked_top1"]
+    assert ranked["fp_loss"] == {"top1": pytest.approx(80.0), "bits": [3, 4]}
+    # Monotone starts 0, 1, 2, 2, none; "none" ranks easiest: images 2 and 3 go up.
+    assert ranked["monotone_oracle"] == {"top1": pytest.approx(80.0), "bits": [3, 4]}
+    assert "cheapest_confidence" not in ranked  # not measured in this hand example
+    # Image 4 least sure at 2 bits, then (ties in image order) image 3: at 2+4 bits they go
+    # to 4 bits (4 wrong, 3 right), images 0 and 2 right at 2 bits: 60%; at 3+4 bits 40%.
+    h.confidence = torch.tensor([[0.9, 0.5, 0.5]] * 4 + [[0.1, 0.5, 0.5]], dtype=torch.float64)
+    assert h.summary()["ranked_top1"]["cheapest_confidence"] == {
+        "top1": pytest.approx(60.0),
+        "bits": [2, 4],
+    }
+
+
 def test_no_oracle_gain_gives_no_captured_share():
     h = _hand_example()
     h.right = torch.ones(5, 3, dtype=torch.bool)  # every candidate right on every image
@@ -104,6 +132,15 @@ def test_measure_headroom_matches_forced_evaluations():
     assert room.ref_bitops == model.static_bitops(4)
     fp_ps = evaluate(fp, loader, 4, per_sample=True).per_sample
     torch.testing.assert_close(room.fp_loss, fp_ps["loss"].double())
+    with model.forced_bits([3] * L), torch.no_grad():
+        model.eval()
+        top = torch.cat([model(xb).softmax(1).amax(1) for xb, _ in loader]).double()
+    torch.testing.assert_close(room.confidence[:, 0], top)
+    assert set(room.summary()["ranked_top1"]) == {
+        "monotone_oracle",
+        "fp_loss",
+        "cheapest_confidence",
+    }
 
 
 def test_measure_headroom_refuses_a_static_model():

@@ -509,5 +509,9 @@ def test_dq_report_gives_the_headroom_and_summary_agrees(runs):
     assert room["rho_fp_loss"] == pytest.approx(expected, abs=1e-6) or math.isnan(expected)
     md = paths["md"].read_text()
     assert "## How much could per-image bits buy?" in md and "monotone oracle" in md
+    assert set(room["ranked_top1"]) == {"monotone_oracle", "fp_loss", "cheapest_confidence"}
+    assert room["ranked_top1"]["fp_loss"] == recorded["ranked_top1"]["fp_loss"]
+    fp_rank = room["ranked_top1"]["fp_loss"]
+    assert f"the full-precision loss {fp_rank['top1']:.2f}%" in md
     static = json.loads(write_report(out / "static3")["json"].read_text())
     assert static["headroom"] is None  # one bit-width: nothing to choose between

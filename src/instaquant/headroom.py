@@ -14,6 +14,11 @@ correctly:
 - *front*: the uniform candidates' (BitOPs, top-1) points joined by straight lines; a
   model's gain is its top-1 minus the front's at its BitOPs. The controller's captured share
   is its gain over the oracle's.
+- *ranked allocations*: the images sorted by a difficulty score and split, easiest first,
+  between the two uniform candidates around a BitOPs level so that the mean meets it. With
+  the full-precision model's loss or the cheapest candidate's confidence as the score, it is
+  what a controller that ranked images exactly as that signal does could buy at that level
+  (a random order gives the front, on average): the ceiling of the signal, not of training.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Headroom:
     controller_right: Tensor  # [N] bool
     controller_bitops: Tensor  # [N] float64
     fp_loss: Tensor | None = None  # [N] the full-precision model's loss, when one was given
+    confidence: Tensor | None = None  # [N, K] top softmax probability at each candidate
 
     @property
     def n(self) -> int:
@@ -87,6 +93,42 @@ class Headroom:
                 return ys[i - 1] + t * (ys[i] - ys[i - 1])
         return ys[-1]
 
+    def ranked(self, score: Tensor, bitops: float, pair: tuple[int, int]) -> float:
+        """Top-1 when the images, easiest (lowest ``score``) first, run at candidate index
+        ``pair[0]`` and the hardest share at ``pair[1]``, that share chosen so the mean BitOPs
+        is ``bitops`` (to one image; clipped to 0..1 outside the pair). Ties keep image order."""
+        lo, hi = pair
+        xs = self.uniform_bitops.double()
+        hard_share = min(max(float((bitops - xs[lo]) / (xs[hi] - xs[lo])), 0.0), 1.0)
+        n_hard = round(hard_share * self.n)
+        order = torch.sort(score.double(), stable=True).indices
+        at = torch.full((self.n,), lo, dtype=torch.long)
+        at[order[self.n - n_hard :]] = hi
+        return 100.0 * float(self.right.gather(1, at[:, None]).double().mean())
+
+    def ranked_top1(self, bitops: float) -> dict[str, dict[str, Any]]:
+        """For each difficulty signal this measurement holds, the best :meth:`ranked` top-1 at
+        ``bitops`` over the candidate pairs around it, and that pair's bit-widths."""
+        start = self.monotone_start()
+        # Images no candidate gets right are the easiest to place: bits spent there buy nothing.
+        signals = {"monotone_oracle": torch.where(start == len(self.candidates), -1, start)}
+        if self.fp_loss is not None:
+            signals["fp_loss"] = self.fp_loss
+        if self.confidence is not None:
+            signals["cheapest_confidence"] = -self.confidence[:, 0]
+        xs = self.uniform_bitops.tolist()
+        pairs = [
+            (i, j)
+            for i in range(len(xs))
+            for j in range(i + 1, len(xs))
+            if xs[i] <= bitops <= xs[j]
+        ] or [(0, 1) if bitops < xs[0] else (len(xs) - 2, len(xs) - 1)]
+        out = {}
+        for name, score in signals.items():
+            top1, pair = max((self.ranked(score, bitops, p), p) for p in pairs)
+            out[name] = {"top1": top1, "bits": [self.candidates[pair[0]], self.candidates[pair[1]]]}
+        return out
+
     def summary(self) -> dict[str, Any]:
         """The figures in plain types (BitOPs also relative to the reference)."""
         ref = self.ref_bitops
@@ -121,6 +163,8 @@ class Headroom:
             "captured_share_monotone": captured(m_top1, m_bitops),
             "rho_cheapest_right": _finite(spearman(self.controller_bitops, need)),
             "rho_fp_loss": None,
+            # Each signal's ranked allocation at the controller's BitOPs (see the module doc).
+            "ranked_top1": self.ranked_top1(ctrl_bitops),
             "bitops_p10_rel": float(p10) / ref,
             "bitops_p90_rel": float(p90) / ref,
             "bitops_p90_over_p10": float(p90 / p10),
@@ -156,17 +200,21 @@ def measure_headroom(
     ctrl_right: list[Tensor] = []
     ctrl_bitops: list[Tensor] = []
     fp_loss: list[Tensor] = []
+    confidence: list[Tensor] = []
     uniform = torch.zeros(K, dtype=torch.float64)
     try:
         for x, y in tqdm(loader, desc="headroom", leave=False, disable=None if progress else True):
             ctrl_right.append((model(x).argmax(1) == y).cpu())
             ctrl_bitops.append(model.last.bitops.double().cpu())
-            per_candidate = []
+            per_candidate, top_prob = [], []
             for k, b in enumerate(model.spec.bits):
                 with model.forced_bits([b] * L):
-                    per_candidate.append((model(x).argmax(1) == y).cpu())
+                    prob = model(x).softmax(1)
+                per_candidate.append((prob.argmax(1) == y).cpu())
+                top_prob.append(prob.amax(1).double().cpu())
                 uniform[k] = float(model.last.bitops[0])
             right.append(torch.stack(per_candidate, 1))
+            confidence.append(torch.stack(top_prob, 1))
             if fp_model is not None:
                 loss = torch.nn.functional.cross_entropy(fp_model(x), y, reduction="none")
                 fp_loss.append(loss.double().cpu())
@@ -182,4 +230,5 @@ def measure_headroom(
         controller_right=torch.cat(ctrl_right),
         controller_bitops=torch.cat(ctrl_bitops),
         fp_loss=torch.cat(fp_loss) if fp_loss else None,
+        confidence=torch.cat(confidence),
     )

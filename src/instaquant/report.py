@@ -794,6 +794,32 @@ def _headroom_section(doc: _Doc, a: Analysis, room: dict) -> None:
         + f". Per-image BitOPs p10 / p90: {room['bitops_p10_rel']:.3f}x / "
         f"{room['bitops_p90_rel']:.3f}x (ratio {room['bitops_p90_over_p10']:.2f})."
     )
+    if ranked := ranked_text(room):
+        doc.p(ranked)
+
+
+RANKED_SIGNALS = {
+    "monotone_oracle": "the monotone oracle's order",
+    "fp_loss": "the full-precision loss",
+    "cheapest_confidence": "the cheapest candidate's confidence",
+}
+
+
+def ranked_text(room: dict) -> str:
+    """What ranking the images by each difficulty signal buys at the controller's BitOPs."""
+    parts = [
+        f"{RANKED_SIGNALS.get(name, name)} {r['top1']:.2f}% ({r['bits'][0]}+{r['bits'][1]} bits)"
+        for name, r in room.get("ranked_top1", {}).items()
+    ]
+    if not parts:
+        return ""
+    return (
+        "The ceiling of a difficulty signal: the images sorted by it and split between two "
+        "uniform candidates so that the mean BitOPs is the controller's (the best pair), a "
+        f"random order giving the line's {room['controller_front_top1']:.2f}% on average: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def report_headline(paths: dict[str, Path]) -> str:

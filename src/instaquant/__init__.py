@@ -13,6 +13,7 @@ from .convert import (
 from .cost import Budget
 from .layers import DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
 from .losses import distillation_loss
+from .saving import load, save
 
 __version__ = "0.1.0"
 
@@ -30,7 +31,9 @@ __all__ = [
     "cost",
     "distillation_loss",
     "dynamic",
+    "load",
     "models",
     "quant",
+    "save",
     "static",
 ]

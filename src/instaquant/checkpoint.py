@@ -71,6 +71,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an instaquant checkpoint")
+    version = ckpt.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has format version {version!r}; this instaquant reads versions up "
+            f"to {VERSION} (upgrade instaquant)"
+        )
     return ckpt
 
 

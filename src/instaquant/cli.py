@@ -72,6 +72,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. device=cpu")
 
+    x = sub.add_parser(
+        "export",
+        help="export a run's quantized model (controller inside) as ONNX or torch.export",
+    )
+    x.add_argument("checkpoint", help="a run folder (its best.pt, else last.pt) or a .pt file")
+    x.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
+    x.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
+    x.add_argument(
+        "--batch", type=_positive, default=1, help="batch size of the graph's input (default 1)"
+    )
+    x.add_argument("overrides", nargs="*", help="key=value overrides of the stored config")
+
     k = sub.add_parser("cost", help="per-layer MACs / BitOPs table of a config")
     k.add_argument("-c", "--config", required=True)
     k.add_argument("overrides", nargs="*")
@@ -127,6 +139,32 @@ def _train(args: argparse.Namespace) -> None:
     )
     if entry:
         print(json.dumps(entry, indent=2))
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .builder import example_input, load_for_eval
+    from .convert import QuantModel
+    from .export import OUTPUT_NAMES, export
+
+    cfg, model, extra = load_for_eval(args.checkpoint, list(args.overrides))
+    if not isinstance(model, QuantModel):
+        raise UserError(f"{args.checkpoint!r} is a full-precision run: nothing quantized to export")
+    example = example_input(extra["info"])[:1].expand(args.batch, -1, -1, -1).contiguous()
+    path = export(model.cpu(), example, args.out, args.format)
+    print(
+        f"wrote {path} ({args.format}): input images {list(example.shape)}, "
+        f"outputs {', '.join(OUTPUT_NAMES)}"
+    )
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -265,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 "compare": _compare,
                 "cost": _cost,
                 "report": _report,
+                "export": _export,
             }
             commands[args.command](args)
     except RunInterruptedError as err:

@@ -85,7 +85,8 @@ class DynamicSpec:
             code's behaviour; the default is the deterministic argmax).
         execution (str, "fast"): ``fast`` routes each sample to its branch in evaluation and
             trains on the exact row-split path; ``reference`` runs the mixture of all
-            branches as the paper's code does.
+            branches as the paper's code does; ``graph`` selects each sample's candidate by
+            indexing in evaluation (no host sync, exportable) and trains as ``fast``.
     """
 
     method: str = "pact"
@@ -358,6 +359,19 @@ class DynamicQuantModel(QuantModel):
             cached = [(i, self.model.get_submodule(n)) for i, n in self._candidate_bns]
             self.__dict__["_candidate_bn_modules"] = cached
         return cached
+
+    def set_execution(self, execution: str) -> None:
+        """How the dynamic layers run (see :class:`DynamicSpec`): ``fast``, ``reference`` or
+        ``graph`` (candidates selected by indexing, for export)."""
+        if execution not in EXECUTIONS:
+            raise ValueError(
+                f"execution {execution!r} is not allowed; allowed: {', '.join(EXECUTIONS)}"
+            )
+        self.spec.execution = execution
+        for layer in self.dynamic_modules():
+            layer.execution = execution
+        for _, bn in self.candidate_bn_modules():
+            bn.__dict__["indexed"] = execution == "graph"
 
     def set_random_choices(self, enabled: bool) -> None:
         """Any-precision warm-up: with ``enabled``, in training mode every image draws each
@@ -633,6 +647,7 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
     result = DynamicQuantModel(model, controller, spec, layers, tap_shape, bn_pairs)
     result.to(first.device)
     result.example_shape = tuple(example_input.shape[1:])
+    result.set_execution(spec.execution)  # the candidate BatchNorms follow the layers
     return result
 
 
@@ -698,4 +713,12 @@ def static(
         _swap(model, info, method, info.bits, info.input_negative, share=share)
     result = StaticQuantModel(model, layers, bits, method)
     result.example_shape = tuple(example_input.shape[1:])
+    # What iq.save needs to convert the same backbone again (plain types).
+    result.conversion = {
+        "method": method,
+        "bits": int(bits),
+        "first_last": first_last,
+        "exclude": list(exclude),
+        "share": bool(share),
+    }
     return result

@@ -30,6 +30,7 @@ from .evaluation import evaluate, reference_bitops
 from .headroom import measure_headroom
 from .losses import distillation_loss
 from .quant.methods import InitFlags
+from .saving import describe
 
 
 class NonFiniteLossError(UserError):
@@ -380,6 +381,8 @@ def _train(
             step=step,
             metrics=metrics,
             signed=signed_plan(model),
+            # The same entry as iq.save's: iq.load reads run checkpoints too.
+            quant_model=describe(model) if isinstance(model, QuantModel) else None,
             wall_s=wall,
             world=ctx.world,
         )

@@ -7,6 +7,9 @@ bit-widths. Before each forward its owner sets ``layer.selection``: a one-hot
 
 - ``reference``: the straight-through mixture of the paper and official code,
   ``y = Σ_k m_k · op(Q^a_k(x), Q^w_k(W))`` (every branch computed).
+- ``graph``: in evaluation mode without autograd each sample's candidate is selected by
+  indexing (:mod:`~instaquant.indexed`): the same operators whatever is chosen, no host
+  sync, so ``torch.export`` and ONNX can take it; training as ``fast``.
 - ``fast``: in evaluation mode without autograd each sample is routed to its
   selected branch only, with quantized weights cached per candidate; otherwise
   (training, or gradients wanted) on the CPU :func:`~instaquant.fast_dynamic.mixture_forward` gives the
@@ -23,11 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fast_dynamic import mixture_forward
+from .indexed import indexed_activation, per_sample_conv, per_sample_linear
 from .quant.methods import Quantizer, make_activation_quantizer, make_weight_quantizer
 from .routing import RoutePlan, choice_keys, plan_keys, route
 
 Selection = Tensor | tuple[Tensor, Tensor]
-EXECUTIONS = ("fast", "reference")
+EXECUTIONS = ("fast", "reference", "graph")
 
 
 def _broadcast(m: Tensor, like: Tensor) -> Tensor:
@@ -49,10 +53,16 @@ class _ConvOp(_QuantOp, nn.Conv2d):
     def op(self, x: Tensor, w: Tensor) -> Tensor:
         return self._conv_forward(x, w, self.bias)
 
+    def per_sample_op(self, x: Tensor, weights: Tensor) -> Tensor:
+        return per_sample_conv(self, x, weights)
+
 
 class _LinearOp(_QuantOp, nn.Linear):
     def op(self, x: Tensor, w: Tensor) -> Tensor:
         return F.linear(x, w, self.bias)
+
+    def per_sample_op(self, x: Tensor, weights: Tensor) -> Tensor:
+        return per_sample_linear(self, x, weights)
 
 
 def _copy_params(dst: nn.Module, src: nn.Module) -> None:
@@ -113,6 +123,9 @@ class _WeightCache:
 
     def quantized_weight(self, k: int) -> Tensor:
         """Candidate ``k``'s quantized weight, cached in evaluation mode."""
+        frozen = self._buffers.get("frozen_weights")
+        if frozen is not None:
+            return frozen[k]
         if self.training or torch.is_grad_enabled():
             self.drop_weight_cache()
             return self.wq(self.weight, k)
@@ -131,11 +144,27 @@ class _WeightCache:
         """Forget the cached quantized weights (a forward that may train calls this)."""
         self.__dict__.pop("_wcache", None)
 
+    def freeze_weights(self) -> None:
+        """Keep every candidate's quantized weight, stacked ``[K, ...]``, as a buffer (not
+        saved in the state dict) that forwards use as is: the deployed form, whose graph
+        holds the quantized weights as constants. ``train()`` drops it."""
+        with torch.no_grad():
+            stacked = torch.stack([self.wq(self.weight, k) for k in range(len(self.wq.bits))])
+        self.register_buffer("frozen_weights", stacked, persistent=False)
+
+    def stacked_weights(self) -> Tensor:
+        """``[K, ...]``: every candidate's quantized weight (frozen, or quantized now)."""
+        frozen = self._buffers.get("frozen_weights")
+        if frozen is not None:
+            return frozen
+        return torch.stack([self.quantized_weight(k) for k in range(len(self.wq.bits))])
+
     def train(self, mode: bool = True):  # type: ignore[override]
         # Training invalidates the cache; ``eval()`` keeps it, so a per-batch ``model.eval()``
         # in an evaluation loop does not requantize every weight (updates are caught by version).
         if mode:
             self.drop_weight_cache()
+            self._buffers.pop("frozen_weights", None)
         return super().train(mode)
 
 
@@ -249,7 +278,17 @@ class _DynamicMixin(_WeightCache):
                 # GPU idle (docs/benchmarks.md, "On a GPU"). The values are the same.
                 return self.reference_forward(x, sel_w, sel_a, joint)
             return mixture_forward(self, x, sel_w, sel_a, joint)
+        if self.execution == "graph":
+            return self.indexed_forward(x, sel_w, sel_a, joint)
         return self.routed_forward(x, sel_w, sel_a)
+
+    def indexed_forward(self, x: Tensor, sel_w: Tensor, sel_a: Tensor, joint: bool) -> Tensor:
+        """Each sample's candidate selected by indexing (no data-dependent Python, no host
+        sync): the graph-static form of routed inference, same values."""
+        k_w = sel_w.argmax(-1)
+        k_a = k_w if joint else sel_a.argmax(-1)
+        xq = indexed_activation(self.aq, x, k_a)
+        return self.per_sample_op(xq, self.stacked_weights().index_select(0, k_w))
 
     def _needs_grad(self, x: Tensor, sel_w: Tensor, sel_a: Tensor) -> bool:
         """Whether autograd may ask this call for gradients (routing alone cannot give them all)."""

@@ -93,6 +93,9 @@ class SwitchableBatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         index = self._index(x)
+        if self.__dict__.get("indexed") and not self.training:
+            # Graph-static execution (instaquant.indexed): no host sync, one per-row affine.
+            return self._running_stats_forward(x, index)
         if index.numel() == 0:
             return self.bns[0](x)
         # One host sync gives both the range check and whether the batch is on one candidate.

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..errors import UserError
+from .arch import tag
 from .cifar_resnet import CifarResNet, resnet20, resnet32, resnet56
 from .digits import DigitsNet, digits_net
 
@@ -65,7 +66,7 @@ def get(
     if name in TORCHVISION:
         if in_channels != 3:
             raise ValueError(f"torchvision model {name!r} takes 3 input channels")
-        return _torchvision(name, num_classes, pretrained)
+        return tag(_torchvision(name, num_classes, pretrained), name, num_classes, in_channels)
     raise ValueError(f"unknown model {name!r}; allowed: {', '.join(names())}")
 
 

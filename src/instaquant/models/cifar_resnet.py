@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .arch import tag
+
 
 class ShortcutA(nn.Module):
     """Parameter-free shortcut: subsample by 2 and zero-pad the new channels."""
@@ -66,12 +68,12 @@ class CifarResNet(nn.Module):
 
 
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    return CifarResNet(20, num_classes, in_channels)
+    return tag(CifarResNet(20, num_classes, in_channels), "resnet20", num_classes, in_channels)
 
 
 def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    return CifarResNet(32, num_classes, in_channels)
+    return tag(CifarResNet(32, num_classes, in_channels), "resnet32", num_classes, in_channels)
 
 
 def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    return CifarResNet(56, num_classes, in_channels)
+    return tag(CifarResNet(56, num_classes, in_channels), "resnet56", num_classes, in_channels)

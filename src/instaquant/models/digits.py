@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .arch import tag
+
 
 def _conv_bn(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
@@ -33,4 +35,4 @@ class DigitsNet(nn.Module):
 
 
 def digits_net(num_classes: int = 10, in_channels: int = 1) -> DigitsNet:
-    return DigitsNet(num_classes, in_channels)
+    return tag(DigitsNet(num_classes, in_channels), "digits_net", num_classes, in_channels)

@@ -10,7 +10,7 @@ import instaquant as iq
 from helpers import dynamic_resnet20, varied_images
 from instaquant.cli import main
 from instaquant.export import ExportError, deployable, export
-from instaquant.indexed import UnsupportedForGraph
+from instaquant.indexed import UnsupportedForGraphError
 
 HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="the [export] extra is not installed")
@@ -66,7 +66,7 @@ def test_graph_execution_trains_as_fast():
 def test_lqnets_has_no_graph_form_and_says_so(tmp_path):
     model = _ready(dynamic_resnet20("lqnets"))
     model.set_execution("graph")
-    with torch.no_grad(), pytest.raises(UnsupportedForGraph, match="supported: dorefa, pact"):
+    with torch.no_grad(), pytest.raises(UnsupportedForGraphError, match="supported: dorefa, pact"):
         model(varied_images(4))
     with pytest.raises(ExportError, match="LQNets.* no graph-static form"):
         export(model, varied_images(2), tmp_path / "m.pt2", "pt2")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .convert import DynamicQuantModel, QuantModel
 from .errors import UserError
-from .indexed import UnsupportedForGraph
+from .indexed import UnsupportedForGraphError
 from .quant.methods import InitFlags
 
 FORMATS = ("onnx", "pt2")
@@ -74,7 +74,7 @@ def deployable(model: QuantModel, example_input: Tensor) -> WithCosts:
     try:
         with torch.no_grad():
             frozen(example_input)  # sets lazily initialised clips/steps, as evaluation would
-    except UnsupportedForGraph as err:
+    except UnsupportedForGraphError as err:
         raise ExportError(str(err)) from None
     for module in frozen.modules():
         if hasattr(module, "freeze_weights"):

@@ -29,7 +29,7 @@ from .quant.methods import (
 )
 
 
-class UnsupportedForGraph(ValueError):
+class UnsupportedForGraphError(ValueError):
     """A quantizer or layer the graph-static form has no indexed version of."""
 
 
@@ -44,7 +44,7 @@ def indexed_activation(aq: Quantizer, x: Tensor, index: Tensor) -> Tensor:
         return I_q.lsq(x, aq.per_row(aq.step, index, x), bits, aq.signed)
     if isinstance(aq, DoReFaActivation):
         return I_q.dorefa_activation(x, bits, aq.signed)
-    raise UnsupportedForGraph(
+    raise UnsupportedForGraphError(
         f"activation quantizer {type(aq).__name__} has no graph-static form; "
         "supported: dorefa, pact, lsq"
     )
@@ -56,21 +56,21 @@ def per_sample_conv(conv: nn.Conv2d, x: Tensor, weights: Tensor) -> Tensor:
     if B == 1:
         return conv._conv_forward(x, weights[0], conv.bias)
     if conv.padding_mode != "zeros":
-        raise UnsupportedForGraph(
+        raise UnsupportedForGraphError(
             f"padding_mode {conv.padding_mode!r} has no graph-static batched form; "
             "supported: zeros (or batch 1)"
         )
-    _, O, *rest = weights.shape
+    _, out_channels, *rest = weights.shape
     y = F.conv2d(
         x.reshape(1, B * x.shape[1], *x.shape[2:]),
-        weights.reshape(B * O, *rest),
+        weights.reshape(B * out_channels, *rest),
         None,
         conv.stride,
         conv.padding,
         conv.dilation,
         B * conv.groups,
     )
-    y = y.reshape(B, O, *y.shape[2:])
+    y = y.reshape(B, out_channels, *y.shape[2:])
     if conv.bias is not None:
         y = y + conv.bias.reshape(1, -1, 1, 1)
     return y

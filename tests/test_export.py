@@ -88,17 +88,23 @@ def test_bad_export_inputs_are_refused_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _outputs_match(got, model, x, share=1.0):
+def _outputs_match(got, model, x, share=1.0, one_by_one=False):
     """Choices, bits and BitOPs exactly, predictions and logits (within 1e-4 of their scale)
     on at least ``share`` of the images. Another runtime's float32 accumulation may differ
     in the last bit, and where that crosses a fake quantizer's rounding boundary the value
     moves one quantization level; PyTorch's own graphs (share 1) have no such differences."""
-    with torch.no_grad():
-        logits = model(x)
-    rec = model.last
-    torch.testing.assert_close(got[1], rec.bits_w.float(), atol=0, rtol=0)
-    torch.testing.assert_close(got[2], rec.bits_a.float(), atol=0, rtol=0)
-    torch.testing.assert_close(got[3], rec.bitops.float(), atol=0, rtol=1e-6)
+    outs, recs = [], []
+    with torch.no_grad():  # the batch, or (as a batch-1 graph ran) each image alone
+        for part in x.split(1) if one_by_one else [x]:
+            outs.append(model(part))
+            recs.append(model.last)
+    logits = torch.cat(outs)
+    bits_w, bits_a, bitops = (
+        torch.cat([getattr(r, k) for r in recs]) for k in ("bits_w", "bits_a", "bitops")
+    )
+    torch.testing.assert_close(got[1], bits_w.float(), atol=0, rtol=0)
+    torch.testing.assert_close(got[2], bits_a.float(), atol=0, rtol=0)
+    torch.testing.assert_close(got[3], bitops.float(), atol=0, rtol=1e-6)
     close = ((got[0] - logits).abs().amax(1) <= 1e-4 * logits.abs().max()).double().mean()
     assert close >= share, f"{float(close):.3f} of the images within 1e-4 of the logits' scale"
     agree = (got[0].argmax(1) == logits.argmax(1)).double().mean()
@@ -114,6 +120,28 @@ def test_torch_export_of_the_dynamic_resnet20(tmp_path):
     _outputs_match(got, model, x)
     assert len(set(map(tuple, got[1].tolist()))) > 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
+
+
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("onnx", marks=needs_ort)])
+def test_batch_one_export_branches_per_candidate(tmp_path, fmt):
+    # At batch 1 the graph holds one branch per candidate with constant weights (an If):
+    # every candidate must be reachable and give that candidate's value.
+    model = _ready(dynamic_resnet20("pact")).float()
+    x = varied_images(24, seed=6).float()
+    path = export(model, x[:1], tmp_path / f"m.{fmt}", fmt)
+    if fmt == "pt2":
+        run = torch.export.load(path).module()
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(t):
+            return [torch.from_numpy(a) for a in session.run(None, {"images": t.numpy()})]
+
+    got = [torch.cat(t) for t in zip(*(run(x[i : i + 1]) for i in range(24)), strict=True)]
+    _outputs_match(got, model, x, share=1.0 if fmt == "pt2" else 0.9, one_by_one=True)
+    assert set(got[1].flatten().tolist()) == {3.0, 4.0, 5.0}  # each candidate taken
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])

@@ -11,6 +11,7 @@ from .convert import (
     static,
 )
 from .cost import Budget
+from .export import export
 from .layers import DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
 from .losses import distillation_loss
 from .saving import load, save
@@ -31,6 +32,7 @@ __all__ = [
     "cost",
     "distillation_loss",
     "dynamic",
+    "export",
     "load",
     "models",
     "quant",

@@ -79,6 +79,7 @@ def deployable(model: QuantModel, example_input: Tensor) -> WithCosts:
     for module in frozen.modules():
         if hasattr(module, "freeze_weights"):
             module.freeze_weights()
+            module.__dict__["branch_select"] = True  # batch 1: one branch per candidate
         if isinstance(module, InitFlags):
             if not module.all_initialized():
                 raise ExportError(f"quantizer {type(module).__name__} never saw data")

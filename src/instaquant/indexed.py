@@ -10,11 +10,16 @@ follow. Here every dynamic layer runs the same operators whatever the controller
   at batch 1 that is one convolution on the chosen weight, no extra compute; at batch B the
   per-sample weights go through one grouped convolution (B groups), which costs as many
   MACs as the static layer but runs as B small convolutions.
+- an exported batch-1 graph (:func:`select_branch`) instead holds one branch per candidate
+  with its weight a constant, chosen by a conditional (ONNX ``If``): runtimes prepare
+  constant weights once, and the layer runs exactly as the static layer of that candidate.
 
 Values equal routed inference's (same quantizers, same weights), to float rounding.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,3 +87,17 @@ def per_sample_linear(linear: nn.Linear, x: Tensor, weights: Tensor) -> Tensor:
         return F.linear(x, weights[0], linear.bias)
     y = torch.einsum("b...i,boi->b...o", x, weights)
     return y if linear.bias is None else y + linear.bias
+
+
+def select_branch(
+    index: Tensor, count: int, branch: Callable[[int, Tensor], Tensor], x: Tensor
+) -> Tensor:
+    """``branch(index, x)`` for a 0-d ``index`` in ``0..count-1``, through nested
+    ``torch.cond``: the graph holds every branch and picks one at run time."""
+
+    def from_candidate(j: int) -> Callable[[Tensor], Tensor]:
+        if j == count - 1:
+            return lambda t: branch(j, t)
+        return lambda t: torch.cond(index == j, lambda u: branch(j, u), from_candidate(j + 1), (t,))
+
+    return from_candidate(0)(x)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fast_dynamic import mixture_forward
-from .indexed import indexed_activation, per_sample_conv, per_sample_linear
+from .indexed import indexed_activation, per_sample_conv, per_sample_linear, select_branch
 from .quant.methods import Quantizer, make_activation_quantizer, make_weight_quantizer
 from .routing import RoutePlan, choice_keys, plan_keys, route
 
@@ -286,6 +286,12 @@ class _DynamicMixin(_WeightCache):
         """Each sample's candidate selected by indexing (no data-dependent Python, no host
         sync): the graph-static form of routed inference, same values."""
         k_w = sel_w.argmax(-1)
+        if joint and x.shape[0] == 1 and self.__dict__.get("branch_select"):
+            # Export at batch 1: a branch per candidate with constant weights (ONNX If).
+            def branch(k: int, t: Tensor) -> Tensor:
+                return self.op(self.aq.infer(t, k), self.quantized_weight(k))
+
+            return select_branch(k_w[0], len(self.bits), branch, x)
         k_a = k_w if joint else sel_a.argmax(-1)
         xq = indexed_activation(self.aq, x, k_a)
         return self.per_sample_op(xq, self.stacked_weights().index_select(0, k_w))

@@ -7,7 +7,7 @@ import torch
 
 import instaquant as iq
 from helpers import assert_models_match, dynamic_resnet20, seeded_train_step, varied_images
-from instaquant.switchable_bn import SwitchableBatchNorm2d
+from instaquant.nn.switchable_bn import SwitchableBatchNorm2d
 
 
 def _pair():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import instaquant as iq
-from instaquant.layers import DynamicQConv2d, QConv2d, QLinear
+from instaquant.nn.layers import DynamicQConv2d, QConv2d, QLinear
 
 X32 = (1, 3, 32, 32)
 

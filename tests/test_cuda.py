@@ -103,7 +103,7 @@ def test_routed_eval_waits_for_the_host_once_per_forward():
         model(x)  # first call: lazy state settles
         waits = _host_waits(lambda: model(x))
         assert len(torch.unique(model.last.bits_w)) > 1
-    # One wait to learn every layer's group sizes (instaquant.routing.plan_layers), not one
+    # One wait to learn every layer's group sizes (instaquant.nn.routing.plan_layers), not one
     # per dynamic layer.
     assert len(waits) == 1, "\n----\n".join(waits)
     fp = iq.models.resnet20(num_classes=10)

@@ -10,7 +10,7 @@ import instaquant as iq
 from helpers import dynamic_resnet20, varied_images
 from instaquant.cli import main
 from instaquant.export import ExportError, deployable, export
-from instaquant.indexed import UnsupportedForGraphError
+from instaquant.nn.indexed import UnsupportedForGraphError
 
 HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="the [export] extra is not installed")

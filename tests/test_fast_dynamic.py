@@ -16,10 +16,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import assert_models_match, dynamic_resnet20, seeded_train_step, varied_images
-from instaquant import convert, fast_dynamic
-from instaquant.layers import DynamicQConv2d, DynamicQLinear
+from instaquant import convert
+from instaquant.nn import fast_dynamic
+from instaquant.nn.layers import DynamicQConv2d, DynamicQLinear
+from instaquant.nn.routing import plan_keys, plan_layers, put_rows, route, take_rows
 from instaquant.quant.methods import make_activation_quantizer
-from instaquant.routing import plan_keys, plan_layers, put_rows, route, take_rows
 
 EXACT = dict(atol=0, rtol=0)
 GRAD = dict(atol=1e-12, rtol=1e-10)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import instaquant as iq
-from instaquant.layers import DynamicQConv2d, QConv2d, QLinear
+from instaquant.nn.layers import DynamicQConv2d, QConv2d, QLinear
 from instaquant.quant import lqnets as lq
 from instaquant.quant.methods import (
     METHODS,

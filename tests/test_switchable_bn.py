@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from instaquant.models import resnet20
-from instaquant.switchable_bn import (
+from instaquant.nn.switchable_bn import (
     SwitchableBatchNorm1d,
     SwitchableBatchNorm2d,
     find_following_bns,

@@ -12,8 +12,8 @@ from .convert import (
 )
 from .cost import Budget
 from .export import export
-from .layers import DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
 from .losses import distillation_loss
+from .nn.layers import DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
 from .saving import load, save
 
 __version__ = "0.1.0"

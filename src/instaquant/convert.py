@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from .controller import BitController, annealed_tau, select
 from .cost import BITOPS_CONVENTION, Budget, LayerInfo, Profile, bitops_at, controller_cost, probe
-from .layers import EXECUTIONS, DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
+from .nn.layers import EXECUTIONS, DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
+from .nn.routing import RoutePlan, choice_keys, plan_layers
+from .nn.switchable_bn import find_following_bns, swap_switchable_bns
 from .quant.methods import METHODS, min_bits
-from .routing import RoutePlan, choice_keys, plan_layers
-from .switchable_bn import find_following_bns, swap_switchable_bns
 
 FIRST_LAST = ("fp", "8bit", "quantize")
 

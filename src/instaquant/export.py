@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .convert import DynamicQuantModel, QuantModel
 from .errors import UserError
-from .indexed import UnsupportedForGraphError
+from .nn.indexed import UnsupportedForGraphError
 from .quant.methods import InitFlags
 
 FORMATS = ("onnx", "pt2")

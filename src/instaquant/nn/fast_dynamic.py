@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quant.methods import DoReFaActivation, PACTActivation
+from ..quant.methods import DoReFaActivation, PACTActivation
 from .routing import plan_keys
 
 # Quantizers q for which q(x[rows], k) == q(x, k)[rows] in value and whose parameter gradient is

@@ -8,11 +8,11 @@ bit-widths. Before each forward its owner sets ``layer.selection``: a one-hot
 - ``reference``: the straight-through mixture of the paper and official code,
   ``y = Σ_k m_k · op(Q^a_k(x), Q^w_k(W))`` (every branch computed).
 - ``graph``: in evaluation mode without autograd each sample's candidate is selected by
-  indexing (:mod:`~instaquant.indexed`): the same operators whatever is chosen, no host
+  indexing (:mod:`~instaquant.nn.indexed`): the same operators whatever is chosen, no host
   sync, so ``torch.export`` and ONNX can take it; training as ``fast``.
 - ``fast``: in evaluation mode without autograd each sample is routed to its
   selected branch only, with quantized weights cached per candidate; otherwise
-  (training, or gradients wanted) on the CPU :func:`~instaquant.fast_dynamic.mixture_forward` gives the
+  (training, or gradients wanted) on the CPU :func:`~instaquant.nn.fast_dynamic.mixture_forward` gives the
   mixture's value and exact gradients with the backward run on each sample's branch
   only, while on a GPU the mixture itself is faster and is used.
 """
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quant.methods import Quantizer, make_activation_quantizer, make_weight_quantizer
 from .fast_dynamic import mixture_forward
 from .indexed import indexed_activation, per_sample_conv, per_sample_linear, select_branch
-from .quant.methods import Quantizer, make_activation_quantizer, make_weight_quantizer
 from .routing import RoutePlan, choice_keys, plan_keys, route
 
 Selection = Tensor | tuple[Tensor, Tensor]
@@ -236,7 +236,7 @@ class _DynamicMixin(_WeightCache):
         _place_like(self.weight, self.wq, self.aq)
         self.selection = None
         # Set by the owning model next to the selection when it has planned the routing of
-        # every layer at once (``instaquant.routing.plan_layers``); computed here otherwise.
+        # every layer at once (``instaquant.nn.routing.plan_layers``); computed here otherwise.
         self.route_plan: RoutePlan | None = None
         self.execution = execution
 

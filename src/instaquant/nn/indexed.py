@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quant import inference as I_q
-from .quant.methods import (
+from ..quant import inference as I_q
+from ..quant.methods import (
     DoReFaActivation,
     LSQQuantizer,
     PACTActivation,

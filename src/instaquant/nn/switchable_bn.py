@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from .cost import forward_with_hooks
+from ..cost import forward_with_hooks
 from .routing import plan_keys, take_rows
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -94,7 +94,7 @@ class SwitchableBatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         index = self._index(x)
         if self.__dict__.get("indexed") and not self.training:
-            # Graph-static execution (instaquant.indexed): no host sync, one per-row affine.
+            # Graph-static execution (instaquant.nn.indexed): no host sync, one per-row affine.
             return self._running_stats_forward(x, index)
         if index.numel() == 0:
             return self.bns[0](x)

@@ -3,6 +3,9 @@
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -17,3 +20,19 @@ def test_python_quick_start_runs(capsys):
     assert rec.bits_w.shape == (8, len(model.dynamic_modules()))
     table = capsys.readouterr().out
     assert "layer2.0.conv1" in table and "dynamic" in table  # the cost table it prints
+
+
+def test_saving_and_export_block_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    saving = next(b for b in blocks if "iq.save(" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md quick start", "exec"), namespace)
+    capsys.readouterr()
+    before = namespace["model"]
+    exec(compile(saving, "README.md saving", "exec"), namespace)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["model"](x), before(x), atol=0, rtol=0)
+    assert {p.name for p in tmp_path.iterdir()} == {"dq.pt", "dq.onnx", "dq.pt2"}

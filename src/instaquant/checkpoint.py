@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .config import UserError
+from .errors import UserError
 
 FORMAT = "instaquant-checkpoint"
 VERSION = 1

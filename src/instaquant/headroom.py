@@ -99,7 +99,8 @@ class Headroom:
         is ``bitops`` (to one image; clipped to 0..1 outside the pair). Ties keep image order."""
         lo, hi = pair
         xs = self.uniform_bitops.double()
-        hard_share = min(max(float((bitops - xs[lo]) / (xs[hi] - xs[lo])), 0.0), 1.0)
+        span = float(xs[hi] - xs[lo])
+        hard_share = min(max((bitops - float(xs[lo])) / span, 0.0), 1.0) if span > 0 else 0.0
         n_hard = round(hard_share * self.n)
         order = torch.sort(score.double(), stable=True).indices
         at = torch.full((self.n,), lo, dtype=torch.long)
@@ -109,6 +110,8 @@ class Headroom:
     def ranked_top1(self, bitops: float) -> dict[str, dict[str, Any]]:
         """For each difficulty signal this measurement holds, the best :meth:`ranked` top-1 at
         ``bitops`` over the candidate pairs around it, and that pair's bit-widths."""
+        if len(self.candidates) < 2:
+            return {}  # one candidate: nothing to split between
         start = self.monotone_start()
         # Images no candidate gets right are the easiest to place: bits spent there buy nothing.
         signals = {"monotone_oracle": torch.where(start == len(self.candidates), -1, start)}

@@ -47,6 +47,23 @@ def test_graph_execution_equals_routed_inference(method, kw):
             torch.testing.assert_close(one, routed[i : i + 1], atol=1e-12, rtol=0)
 
 
+def test_graph_execution_follows_weight_updates():
+    # Evaluation caches each candidate's quantized weight and their stack: an in-place update
+    # (an optimizer step, load_state_dict) must reach the next graph forward.
+    model = _ready(dynamic_resnet20())
+    model.set_execution("graph")
+    x = varied_images(8, seed=2)
+    with torch.no_grad():
+        before = model(x)
+        conv = model.dynamic_modules()[3]
+        conv.weight.mul_(-1.5)
+        after = model(x)
+        model.set_execution("fast")
+        routed = model(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, routed, atol=1e-12, rtol=0)
+
+
 def test_graph_execution_trains_as_fast():
     model = dynamic_resnet20()
     x = varied_images(6)

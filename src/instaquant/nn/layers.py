@@ -157,7 +157,18 @@ class _WeightCache:
         frozen = self._buffers.get("frozen_weights")
         if frozen is not None:
             return frozen
-        return torch.stack([self.quantized_weight(k) for k in range(len(self.wq.bits))])
+        parts = [self.quantized_weight(k) for k in range(len(self.wq.bits))]
+        if self.training or torch.is_grad_enabled():
+            return torch.stack(parts)
+        # In evaluation the per-candidate weights come from the cache: stack them once too,
+        # and again only when one of them was re-quantized (a new tensor).
+        cache = self.__dict__.setdefault("_wcache", {})
+        hit = cache.get("stack")
+        if hit is not None and all(a is b for a, b in zip(hit[0], parts, strict=True)):
+            return hit[1]
+        stacked = torch.stack(parts)
+        cache["stack"] = (parts, stacked)
+        return stacked
 
     def train(self, mode: bool = True):  # type: ignore[override]
         # Training invalidates the cache; ``eval()`` keeps it, so a per-batch ``model.eval()``

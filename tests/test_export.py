@@ -204,6 +204,13 @@ def test_cli_exports_a_run(tmp_path, capsys):
     tiny = ["data.name=digits", "data.limit=64", "data.batch_size=32", "model.name=digits_net"]
     cfg = C.from_dict({"name": "dq", "out": str(tmp_path / "dq")}, [*tiny, "device=cpu"])
     fit(cfg, progress=False)
+    # iq.load reads a run's checkpoint: the model instaquant eval rebuilds from the config.
+    from instaquant.builder import load_for_eval
+
+    _, rebuilt, _ = load_for_eval(tmp_path / "dq" / "best.pt")
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(iq.load(tmp_path / "dq")(x), rebuilt.eval()(x), atol=0, rtol=0)
     out = tmp_path / "dq.onnx"
     assert main(["export", str(tmp_path / "dq"), "--out", str(out), "--batch", "4"]) == 0
     assert f"wrote {out} (onnx): input images [4, 1, 8, 8]" in capsys.readouterr().out

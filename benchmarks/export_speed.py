@@ -15,6 +15,7 @@ only on the graph (the controller's choices move no work in the graph-static for
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -26,7 +27,7 @@ import torch
 import instaquant as iq
 
 
-def _models(name: str, size: int) -> tuple[iq.DynamicQuantModel, iq.StaticQuantModel, torch.Tensor]:
+def _models(name: str, size: int) -> tuple[iq.DynamicQuantModel, iq.StaticQuantModel]:
     fp = iq.models.get(name, num_classes=10 if name == "resnet20" else 1000)
     example = torch.randn(2, 3, size, size)
     spec = iq.DynamicSpec(method="pact", bits=(2, 3, 4), budget=iq.Budget(target_bits=3))
@@ -36,33 +37,26 @@ def _models(name: str, size: int) -> tuple[iq.DynamicQuantModel, iq.StaticQuantM
         m.train()
         m(torch.randn(4, 3, size, size))
         m.eval()
-    return dq, qs, example
-
-
-def _timed(fn, x, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return times
+    return dq, qs
 
 
 def _side_by_side(a, b, x, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``a`` and ``b``, run alternately (after warm-up) on ``x``."""
+    """Median seconds of ``a(x)`` and ``b(x)``, called alternately after a warm-up."""
     for _ in range(3):
         a(x), b(x)
-    ta, tb = [], []
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        ta += _timed(a, x, 1)
-        tb += _timed(b, x, 1)
-    return statistics.median(ta), statistics.median(tb)
+        for fn, ts in zip((a, b), times, strict=True):
+            t = time.perf_counter()
+            fn(x)
+            ts.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def onnx_ratio(name: str, size: int, batch: int, threads: int, repeats: int, tmp: Path) -> dict:
     import onnxruntime as ort
 
-    dq, qs, _ = _models(name, size)
+    dq, qs = _models(name, size)
     x = torch.randn(batch, 3, size, size)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -78,21 +72,14 @@ def onnx_ratio(name: str, size: int, batch: int, threads: int, repeats: int, tmp
 
 
 def eager_ratio(name: str, size: int, batch: int, repeats: int) -> dict:
-    dq, _, _ = _models(name, size)
+    dq, _ = _models(name, size)
     x = torch.randn(batch, 3, size, size)
-    graph = _graph_copy(dq)
+    graph = copy.deepcopy(dq)
+    graph.set_execution("graph")
     with torch.no_grad():
         t_graph, t_routed = _side_by_side(graph, dq, x, repeats)
     return {"model": name, "size": size, "batch": batch, "graph_ms": 1e3 * t_graph,
             "routed_ms": 1e3 * t_routed, "ratio": t_graph / t_routed}  # fmt: skip
-
-
-def _graph_copy(model: iq.DynamicQuantModel) -> iq.DynamicQuantModel:
-    import copy
-
-    graph = copy.deepcopy(model)
-    graph.set_execution("graph")
-    return graph
 
 
 def main() -> None:

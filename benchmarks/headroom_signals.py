@@ -44,15 +44,11 @@ def ranked_sweep(room: Headroom, levels: tuple[float, ...]) -> list[dict]:
     rows = []
     for rel in levels:
         b = rel * room.ref_bitops
-        pairs = [
-            (i, j) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[i] <= b <= xs[j]
-        ]
-        if not pairs:
+        if not xs[0] <= b <= xs[-1]:
             continue
         row = {"bitops_rel": rel, "line": room.front(b)}
         for name, score in signals.items():
-            top1, pair = max((room.ranked(score, b, p), p) for p in pairs)
-            row[name] = (top1, [room.candidates[i] for i in pair])
+            row[name] = room.best_ranked(score, b)
         rows.append(row)
     return rows
 

@@ -69,6 +69,10 @@ def test_a_backbone_from_outside_the_registry_is_passed_in(tmp_path):
     x = torch.randn(5, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    # A float64 file loads into a float64 copy: the caller's network stays as it was.
+    iq.save(model.double(), tmp_path / "c64.pt")
+    assert iq.load(tmp_path / "c64.pt", model=net).controller.fc1.weight.dtype == torch.float64
+    assert all(p.dtype == torch.float32 for p in net.parameters())
 
 
 def test_truncated_newer_and_foreign_files_are_refused_in_one_line(tmp_path):

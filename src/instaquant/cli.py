@@ -11,15 +11,19 @@ from pathlib import Path
 from .config import UserError
 
 
-def _epoch_number(text: str) -> int:
-    """An epoch number for --stop-after-epoch: 0 or less would stop nothing."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an epoch number >= 1, got {text!r}")
-    return value
+def _at_least_one(what: str):
+    """An argparse type: a whole number >= 1, refused in one line naming ``what``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected {what} >= 1, got {text!r}")
+        return value
+
+    return parse
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -44,7 +48,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     t.add_argument("--resume", action="store_true", help="continue from the run's last.pt")
     t.add_argument(
         "--stop-after-epoch",
-        type=_epoch_number,
+        type=_at_least_one("an epoch number"),  # 0 would stop nothing
         metavar="N",
         help="stop after epoch N with a resumable checkpoint (time-sliced jobs)",
     )
@@ -80,7 +84,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     x.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
     x.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
     x.add_argument(
-        "--batch", type=_positive, default=1, help="batch size of the graph's input (default 1)"
+        "--batch",
+        type=_at_least_one("a number"),
+        default=1,
+        help="batch size of the graph's input (default 1)",
     )
     x.add_argument("overrides", nargs="*", help="key=value overrides of the stored config")
 
@@ -139,16 +146,6 @@ def _train(args: argparse.Namespace) -> None:
     )
     if entry:
         print(json.dumps(entry, indent=2))
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
-    return value
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -107,9 +107,18 @@ class Headroom:
         at[order[self.n - n_hard :]] = hi
         return 100.0 * float(self.right.gather(1, at[:, None]).double().mean())
 
+    def best_ranked(self, score: Tensor, bitops: float) -> tuple[float, list[int]]:
+        """The best :meth:`ranked` top-1 at ``bitops`` over the candidate pairs around it, and
+        that pair's bit-widths (the nearest pair when ``bitops`` is outside them all)."""
+        xs = self.uniform_bitops.tolist()
+        K = len(xs)
+        pairs = [(i, j) for i in range(K) for j in range(i + 1, K) if xs[i] <= bitops <= xs[j]]
+        pairs = pairs or [(0, 1) if bitops < xs[0] else (K - 2, K - 1)]
+        top1, (lo, hi) = max((self.ranked(score, bitops, p), p) for p in pairs)
+        return top1, [self.candidates[lo], self.candidates[hi]]
+
     def ranked_top1(self, bitops: float) -> dict[str, dict[str, Any]]:
-        """For each difficulty signal this measurement holds, the best :meth:`ranked` top-1 at
-        ``bitops`` over the candidate pairs around it, and that pair's bit-widths."""
+        """:meth:`best_ranked` at ``bitops`` for each difficulty signal this measurement holds."""
         if len(self.candidates) < 2:
             return {}  # one candidate: nothing to split between
         start = self.monotone_start()
@@ -119,17 +128,10 @@ class Headroom:
             signals["fp_loss"] = self.fp_loss
         if self.confidence is not None:
             signals["cheapest_confidence"] = -self.confidence[:, 0]
-        xs = self.uniform_bitops.tolist()
-        pairs = [
-            (i, j)
-            for i in range(len(xs))
-            for j in range(i + 1, len(xs))
-            if xs[i] <= bitops <= xs[j]
-        ] or [(0, 1) if bitops < xs[0] else (len(xs) - 2, len(xs) - 1)]
         out = {}
         for name, score in signals.items():
-            top1, pair = max((self.ranked(score, bitops, p), p) for p in pairs)
-            out[name] = {"top1": top1, "bits": [self.candidates[pair[0]], self.candidates[pair[1]]]}
+            top1, bits = self.best_ranked(score, bitops)
+            out[name] = {"top1": top1, "bits": bits}
         return out
 
     def summary(self) -> dict[str, Any]:

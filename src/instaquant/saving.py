@@ -10,6 +10,7 @@ signed-activation plan and the controller's temperature. The command line's ``be
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,8 @@ def load(
             f"{str(path)!r} holds no quantized model description (a full-precision run, or a "
             "checkpoint from before instaquant 0.1 saved one); rebuild it with instaquant eval"
         )
-    backbone = model if model is not None else _backbone(entry, path)
+    # A copy of the caller's network: moving it to the saved device and dtype must not move theirs.
+    backbone = copy.deepcopy(model) if model is not None else _backbone(entry, path)
     device = torch.device(map_location)
     dtype = getattr(torch, entry.get("dtype", "float32"))
     example = torch.zeros(1, *entry["example_shape"], device=device, dtype=dtype)

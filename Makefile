@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/instaquant: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,export]"
+	$(BIN)/pip install --quiet -e ".[dev,export,timm]"
 	touch $(BIN)/instaquant
 
 install: $(BIN)/instaquant

@@ -53,9 +53,11 @@ def _layer(kind="conv", method="pact", signed=False, lazy=False, **conv_kw):
     return layer
 
 
-def _input(layer, batch, seed=0):
+def _input(layer, batch, seed=0, tokens=False):
+    """A conv's feature maps, a linear's vectors, or with ``tokens`` a linear's ``[B, 5, 12]``."""
     g = _gen(seed)
     shape = (batch, 6, 9, 9) if isinstance(layer, nn.Conv2d) else (batch, 12)
+    shape = (batch, 5, 12) if tokens else shape
     scale = torch.linspace(0.3, 2.0, batch).reshape(batch, *[1] * (len(shape) - 1))
     return (torch.randn(shape, generator=g) * scale + 0.3).double()
 
@@ -115,11 +117,11 @@ def _compare(fast_layer, ref_layer, x, choice, separate=False):
 
 @pytest.mark.parametrize("method", ["pact", "lsq", "dorefa"])
 @pytest.mark.parametrize("pattern", ["mixed", "two_of_three", "all_same"])
-@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("kind", ["conv", "linear", "tokens"])
 def test_layer_matches_reference_joint(method, pattern, kind):
-    layer = _layer(kind, method)
+    layer = _layer("conv" if kind == "conv" else "linear", method)
     ref = copy.deepcopy(layer)
-    x = _input(layer, 9)
+    x = _input(layer, 9, tokens=kind == "tokens")
     grads = _compare(layer, ref, x, _choices(pattern, 9))
     # The test would be empty if nothing reached the quantizer parameters or the controller.
     assert grads["logits"].abs().sum() > 0 and grads["weight"].abs().sum() > 0
@@ -277,9 +279,10 @@ class _Spy:
 @pytest.mark.parametrize("pattern", ["mixed", "two_of_three", "all_same"])
 @pytest.mark.parametrize("batch", [1, 9])
 @pytest.mark.parametrize("separate", [False, True])
-def test_routed_eval_matches_reference(pattern, batch, separate):
-    layer = _layer("conv", "pact")
-    x = _input(layer, batch)
+@pytest.mark.parametrize("kind", ["conv", "tokens"])
+def test_routed_eval_matches_reference(pattern, batch, separate, kind):
+    layer = _layer("conv" if kind == "conv" else "linear", "pact")
+    x = _input(layer, batch, tokens=kind == "tokens")
     choice = _choices(pattern, batch)
     _run(layer, x, choice, separate)  # a training step first, like a real model
     layer.selection = None

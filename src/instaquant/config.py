@@ -20,6 +20,7 @@ from .errors import UserError
 
 RECIPES = ("fp", "static", "dynamic")
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 DATASETS = ("digits", "digits_noise", "cifar10", "cifar100", "imagefolder")
 # String keys documented as yes | no, which YAML 1.1 reads (unquoted) as booleans.
 YES_NO_KEYS = ("data.cache",)
@@ -94,6 +95,7 @@ class DistillConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # sgd | adamw (transformers); momentum/nesterov apply to sgd
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -275,6 +277,7 @@ def validate(cfg: Config) -> None:
     _one_of("recipe", cfg.recipe, RECIPES)
     _one_of("data.name", cfg.data.name, DATASETS)
     _one_of("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    _one_of("optim.name", cfg.optim.name, OPTIMIZERS)
     _one_of("budget.kind", cfg.budget.kind, BUDGET_KINDS)
     _one_of("data.cache", cfg.data.cache, ("auto", "yes", "no"))
     _one_of("device", cfg.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))

@@ -20,6 +20,9 @@ class BitController(nn.Module):
     standard deviation over positions and the gradient energy (mean absolute difference of
     neighbouring positions, a measure of fine detail). ``in_channels`` is C.
 
+    Input features of a ``[B, N, C]`` tap (``tokens=True``, transformers): the first token
+    (the class token of a ViT) and the mean of the others (the patch tokens), 2C features.
+
     ``normalize`` standardizes the pooled features (batch norm without affine, running
     statistics in evaluation). Pooled features of different images share a large
     common part; without it the per-image differences are tiny next to the
@@ -37,14 +40,23 @@ class BitController(nn.Module):
         normalize: bool = True,
         grid: int = 1,
         stats: bool = False,
+        tokens: bool = False,
     ) -> None:
         super().__init__()
+        if tokens and (grid != 1 or stats):
+            raise ValueError(
+                "controller_grid and controller_stats read feature maps [B, C, H, W]; a "
+                "token tap [B, N, C] gives the class token and the mean patch token"
+            )
         self.num_layers = num_layers
         self.num_candidates = num_candidates
         self.separate = separate
         self.stats = stats
+        self.tokens = tokens
         self.pool = nn.AdaptiveAvgPool2d(grid)
         in_features = in_channels * grid * grid + (2 * in_channels if stats else 0)
+        if tokens:
+            in_features = 2 * in_channels
         self.norm = nn.BatchNorm1d(in_features, affine=False) if normalize else None
         self.fc1 = nn.Linear(in_features, hidden)
         self.dropout = nn.Dropout(dropout)
@@ -62,6 +74,8 @@ class BitController(nn.Module):
 
     def features(self, tap: Tensor) -> Tensor:
         """The flat input features ``[B, F]`` of a tap output."""
+        if self.tokens:
+            return torch.cat([tap[:, 0], tap[:, 1:].mean(dim=1)], dim=1)
         if tap.dim() != 4:
             return torch.flatten(tap, 1)
         pooled = torch.flatten(self.pool(tap), 1)

@@ -21,11 +21,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .controller import BitController, annealed_tau, select
-from .cost import BITOPS_CONVENTION, Budget, LayerInfo, Profile, bitops_at, controller_cost, probe
+from .cost import (
+    BITOPS_CONVENTION,
+    Budget,
+    LayerInfo,
+    ProbeResult,
+    Profile,
+    bitops_at,
+    controller_cost,
+    probe,
+)
+from .nn.attention import split_attention
 from .nn.layers import EXECUTIONS, DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
 from .nn.routing import RoutePlan, choice_keys, plan_layers
 from .nn.switchable_bn import find_following_bns, swap_switchable_bns
+from .products import ProductInfo
 from .quant.methods import METHODS, min_bits
+from .taps import choose_tap
 
 FIRST_LAST = ("fp", "8bit", "quantize")
 
@@ -56,8 +68,10 @@ class DynamicSpec:
         method (str, "pact"): the quantizer: dorefa, pact, lsq or lqnets.
         bits (tuple[int, ...], (3, 4, 5)): candidate bit-widths, sorted ascending.
         budget (Budget, Budget()): compute budget and the weight of its hinge regularizer.
-        tap (str | None, None): module whose output feeds the controller; None guesses
-            ``layer1`` (ResNets) or ``features.3`` (MobileNet-style models).
+        tap (str | None, None): module whose output (a feature map ``[B, C, H, W]`` or
+            tokens ``[B, N, C]``) feeds the controller; None chooses it from the model: the
+            earliest stage end with 15% of the MACs before it (``layer1`` of ResNets, see
+            :mod:`instaquant.taps`).
         fixed_bits (int | None, None): bits of the quantized layers up to the tap; None
             takes the middle candidate.
         first_last (str, "fp"): ``fp`` keeps the first conv and the last linear full
@@ -184,18 +198,6 @@ def cost_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def default_tap(model: nn.Module) -> str:
-    names = {n for n, _ in model.named_modules(remove_duplicate=False)}
-    for candidate in ("layer1", "features.3"):
-        if candidate in names:
-            return candidate
-    top = [n for n, _ in model.named_children()]
-    raise ValueError(
-        f"cannot guess the tap module of {type(model).__name__}; name one with spec.tap "
-        f"(top-level modules: {', '.join(top)})"
-    )
-
-
 def _assign_roles(
     layers: list[LayerInfo],
     first_last: str,
@@ -261,6 +263,8 @@ class QuantModel(nn.Module):
     # One input's shape at conversion: the layers' MACs, hence every BitOPs figure, are
     # counted at this size.
     example_shape: tuple[int, ...] | None = None
+    # Matrix products outside Conv2d/Linear (attention), full precision, found by the probe.
+    products: list[ProductInfo] = []
 
     def warn_if_other_size(self, x: Tensor) -> None:
         """Say once that BitOPs stay those of the example's size when the input's differs."""
@@ -300,7 +304,7 @@ class QuantModel(nn.Module):
         return BITOPS_CONVENTION
 
     def describe_layers(self) -> Profile:
-        return Profile(self.layers)
+        return Profile(self.layers, products=self.products)
 
 
 class DynamicQuantModel(QuantModel):
@@ -309,6 +313,8 @@ class DynamicQuantModel(QuantModel):
     ``forward(x)`` returns the backbone's logits; ``last`` records the choice and its cost;
     ``budget_loss()`` is the regularizer to add to the task loss.
     """
+
+    tap_reason = "named by spec.tap"  # or why :func:`dynamic` chose ``spec.tap``
 
     def __init__(
         self,
@@ -528,7 +534,11 @@ class DynamicQuantModel(QuantModel):
 
     def describe_layers(self) -> Profile:
         macs, params = controller_cost(self.controller, self.tap_shape)
-        return Profile(self.layers, controller_macs=macs, controller_params=params)
+        tap = f"{self.spec.tap} ({self.tap_reason})"
+        return Profile(self.layers, macs, params, products=self.products, tap=tap)
+
+    def extra_repr(self) -> str:
+        return f"tap={self.spec.tap!r}: {self.tap_reason}"
 
 
 class StaticQuantModel(QuantModel):
@@ -566,7 +576,7 @@ def _plan(
     tap: str | None,
     first_last: str,
     exclude: tuple[str, ...],
-) -> tuple[list[LayerInfo], tuple[int, ...] | None]:
+) -> ProbeResult:
     result = probe(model, example_input, tap)
     if not result.layers:
         raise ValueError("the model has no Conv2d or Linear layer to quantize")
@@ -578,7 +588,7 @@ def _plan(
                 f"like {', '.join(names[:3])}, ..."
             )
     _assign_roles(result.layers, first_last, exclude)
-    return result.layers, result.tap_shape
+    return result
 
 
 def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> DynamicQuantModel:
@@ -589,9 +599,15 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
     if not isinstance(spec, DynamicSpec):
         raise TypeError("spec must be an instaquant.DynamicSpec")
     model = copy.deepcopy(model)
+    split_attention(model)  # its projections become Linear modules, which quantize
     spec = copy.deepcopy(spec)
-    spec.tap = spec.tap or default_tap(model)
-    layers, tap_shape = _plan(model, example_input, spec.tap, spec.first_last, spec.exclude)
+    if spec.tap is None:
+        choice = choose_tap(model, example_input)
+        spec.tap, tap_reason = choice.name, choice.reason
+    else:
+        tap_reason = "named by spec.tap"
+    planned = _plan(model, example_input, spec.tap, spec.first_last, spec.exclude)
+    layers, tap_shape = planned.layers, planned.tap_shape
     if not any(i.role == "dynamic" for i in layers):
         raise ValueError(
             f"no quantizable layer runs after the tap {spec.tap!r}; pick an earlier tap"
@@ -632,7 +648,7 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
     _warn_if_never_binding(spec, layers)
     swap_switchable_bns(model, bn_pairs, len(spec.bits))
     controller = BitController(
-        tap_shape[0],
+        _tap_channels(spec.tap, tap_shape),
         num_layers=sum(i.role == "dynamic" for i in layers),
         num_candidates=len(spec.bits),
         hidden=spec.hidden,
@@ -641,14 +657,29 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
         normalize=spec.controller_norm,
         grid=spec.controller_grid,
         stats=spec.controller_stats,
+        tokens=len(tap_shape) == 2,
     )
     first = next(model.parameters())
     controller.to(dtype=first.dtype)  # the backbone's dtype, so its features feed it directly
     result = DynamicQuantModel(model, controller, spec, layers, tap_shape, bn_pairs)
     result.to(first.device)
     result.example_shape = tuple(example_input.shape[1:])
+    result.products = planned.products
+    result.tap_reason = tap_reason
     result.set_execution(spec.execution)  # the candidate BatchNorms follow the layers
     return result
+
+
+def _tap_channels(tap: str, shape: tuple[int, ...]) -> int:
+    """C of a feature-map tap ``[C, H, W]`` or a token tap ``[N, C]`` (per-sample shapes)."""
+    if len(shape) == 3:
+        return shape[0]
+    if len(shape) == 2 and shape[0] >= 2:
+        return shape[1]
+    raise ValueError(
+        f"tap module {tap!r} outputs per-sample shape {tuple(shape)}; the controller reads a "
+        "feature map [B, C, H, W] or at least two tokens [B, N, C]"
+    )
 
 
 def _warn_if_never_binding(spec: DynamicSpec, layers: list[LayerInfo]) -> None:
@@ -699,7 +730,9 @@ def static(
             f"first_last {first_last!r} is not allowed; allowed: {', '.join(FIRST_LAST)}"
         )
     model = copy.deepcopy(model)
-    layers, _ = _plan(model, example_input, None, first_last, patterns(exclude))
+    split_attention(model)
+    planned = _plan(model, example_input, None, first_last, patterns(exclude))
+    layers = planned.layers
     signed = signed or {}
     unknown = set(signed) - {i.name for i in layers}
     if unknown:
@@ -713,6 +746,7 @@ def static(
         _swap(model, info, method, info.bits, info.input_negative, share=share)
     result = StaticQuantModel(model, layers, bits, method)
     result.example_shape = tuple(example_input.shape[1:])
+    result.products = planned.products
     # What iq.save needs to convert the same backbone again (plain types).
     result.conversion = {
         "method": method,

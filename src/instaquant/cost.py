@@ -8,14 +8,17 @@ are not counted in BitOPs; their MACs are reported separately.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from .products import ProductCounter, ProductInfo
+
 BITOPS_CONVENTION = (
     "BitOPs = sum over quantized layers of MACs * weight bits * activation bits; "
-    "full-precision layers are not counted (their MACs are listed separately)"
+    "full-precision layers are not counted, nor matrix products outside layers such as "
+    "attention's (their MACs are listed separately)"
 )
 BUDGET_KINDS = ("bitops", "bits")
 
@@ -43,6 +46,7 @@ class LayerInfo:
 class ProbeResult:
     layers: list[LayerInfo]
     tap_shape: tuple[int, ...] | None = None
+    products: list[ProductInfo] = field(default_factory=list)
 
 
 def _macs(module: nn.Module, out: Tensor) -> int:
@@ -124,10 +128,12 @@ def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> Pr
             handles.append(module.register_forward_hook(hook_for(name)))
     if tap is not None:
         handles.append(tap_module.register_forward_hook(tap_hook))
-    forward_with_hooks(model, example_input, handles)
+    with ProductCounter(model) as counter:
+        forward_with_hooks(model, example_input, handles)
     if tap is not None and not tap_shape:
         raise ValueError(f"tap module {tap!r} did not run in the forward pass")
-    return ProbeResult([infos[n] for n in order], tap_shape[0] if tap_shape else None)
+    layers = [infos[n] for n in order]
+    return ProbeResult(layers, tap_shape[0] if tap_shape else None, counter.products)
 
 
 def bitops_at(layers: list[LayerInfo], bits: float) -> float:
@@ -202,6 +208,8 @@ class Profile:
     layers: list[LayerInfo]
     controller_macs: int = 0
     controller_params: int = 0
+    products: list[ProductInfo] = field(default_factory=list)  # full precision, not BitOPs
+    tap: str | None = None  # the controller's tap module and why it was chosen
     convention: str = BITOPS_CONVENTION
 
     def bitops(self, bits: float) -> float:
@@ -215,14 +223,19 @@ class Profile:
             lines.append(
                 f"{info.name:<32} {info.role:<8} {info.macs:>12,} {info.params:>10,}  {bits}"
             )
-        total = sum(i.macs for i in self.layers)
-        fp = sum(i.macs for i in self.layers if i.role == "fp")
+        for p in self.products:
+            lines.append(f"{p.name + ' (products)':<32} {'fp':<8} {p.macs:>12,} {0:>10,}  32 (fp)")
+        products = sum(p.macs for p in self.products)
+        total = sum(i.macs for i in self.layers) + products
+        fp = sum(i.macs for i in self.layers if i.role == "fp") + products
         lines.append("-" * len(head))
         lines.append(f"total MACs {total:,} (full precision {fp:,}, quantized {total - fp:,})")
         if self.controller_params:
             lines.append(
                 f"bit controller: {self.controller_macs:,} MACs, {self.controller_params:,} params"
             )
+        if self.tap:
+            lines.append(f"bit controller reads {self.tap}")
         lines.append(self.convention)
         return "\n".join(lines)
 
@@ -231,7 +244,8 @@ def controller_cost(controller: nn.Module, tap_shape: tuple[int, ...]) -> tuple[
     """MACs (pooling and input statistics counted as adds per input element) and params of
     the controller."""
     per_element = getattr(controller, "ops_per_input_element", 1)
-    pool = int(torch.tensor(tap_shape).prod()) * per_element if len(tap_shape) == 3 else 0
+    # Pooling a feature map [C, H, W] or averaging tokens [N, C]: one add per element.
+    pool = int(torch.tensor(tap_shape).prod()) * per_element if len(tap_shape) in (2, 3) else 0
     macs = pool + sum(
         m.in_features * m.out_features for m in controller.modules() if isinstance(m, nn.Linear)
     )
@@ -264,4 +278,4 @@ def profile(model: nn.Module, example_input: Tensor) -> Profile:
     result = probe(model, example_input)
     for info in result.layers:
         info.role = "fp"
-    return Profile(result.layers)
+    return Profile(result.layers, products=result.products)

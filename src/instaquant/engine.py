@@ -42,7 +42,7 @@ def _is_quant_param(name: str) -> bool:
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD; quantizer clip/step parameters get no weight decay unless asked."""
+    """SGD (or AdamW); quantizer clip/step parameters get no weight decay unless asked."""
     o = cfg.optim
     groups: dict[str, dict[str, Any]] = {
         "backbone": {"params": [], "weight_decay": o.weight_decay, "lr": o.lr},
@@ -63,6 +63,8 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     for key, g in groups.items():
         if g["params"]:
             param_groups.append({**g, "name": key, "base_lr": g["lr"]})
+    if o.name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=o.lr)
     return torch.optim.SGD(param_groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
 
 

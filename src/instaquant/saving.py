@@ -38,6 +38,7 @@ def describe(model: QuantModel) -> dict[str, Any]:
         spec = dataclasses.asdict(model.spec)
         spec["signed"] = signed
         entry.update(kind="dynamic", spec=spec, tau=float(model.tau))
+        entry["tap_reason"] = model.tap_reason
     elif isinstance(model, StaticQuantModel):
         entry.update(kind="static", static=dict(model.conversion))
     else:
@@ -90,6 +91,7 @@ def load(
     load_model_state(result, ckpt["model"], f"file {str(path)!r}")
     if isinstance(result, DynamicQuantModel):
         result.set_temperature(entry["tau"])
+        result.tap_reason = entry.get("tap_reason", result.tap_reason)
     return result.eval()
 
 

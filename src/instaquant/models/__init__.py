@@ -1,4 +1,4 @@
-"""Model registry: CIFAR ResNets, the demo's digits net and torchvision CNNs."""
+"""Model registry: CIFAR ResNets, a CIFAR ViT, the demo's digits net and torchvision CNNs."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from ..errors import UserError
 from .arch import tag
 from .cifar_resnet import CifarResNet, resnet20, resnet32, resnet56
 from .digits import DigitsNet, digits_net
+from .vit import VisionTransformer, vit_cifar
 
 LOCAL: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet56": resnet56,
     "digits_net": digits_net,
+    "vit_cifar": vit_cifar,
 }
 TORCHVISION = ("resnet18", "resnet50", "mobilenet_v2")
-# Where the bit controller taps each architecture when the spec does not say.
-DEFAULT_TAPS = {"mobilenet_v2": "features.3"}
 
 
 def names() -> list[str]:
@@ -79,4 +79,6 @@ __all__ = [
     "resnet20",
     "resnet32",
     "resnet56",
+    "VisionTransformer",
+    "vit_cifar",
 ]

@@ -1,0 +1,84 @@
+"""The small CIFAR-10 Vision Transformer (``vit_cifar``): static vs DQ at matched BitOPs.
+
+Runs, in order, into ``--out``: the full-precision ViT (AdamW, one-cycle), then from it
+static PACT at 4 bits, DQ with candidates {3, 4, 5} at the BitOPs of static 4-bit, and
+static 3 bits; same start, schedule and seed. The controller reads the
+tokens after the first transformer block (the default tap). Every run resumes from its
+checkpoint when started again; finished runs are skipped. Writes ``results.md`` and
+``vit.json`` into ``--out``.
+
+    python benchmarks/vit_cifar10.py --out runs/vit            # about 80 min on 2 CPU cores
+    python benchmarks/vit_cifar10.py --out runs/vit --limit 512 --fp-epochs 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from reproduce_cifar10 import REPO, extract, machine_results, run_all
+
+from instaquant.demo import format_table
+
+
+def plan(root: Path, out: Path, fp_epochs: int, qat_epochs: int, limit: int | None) -> list[dict]:
+    """Config dicts of every run, in the order they must run."""
+    data = {"name": "imagefolder", "root": str(root), "image_size": 32, "batch_size": 128}
+    if limit:
+        data["limit"] = limit
+
+    def run(name: str, **kw: Any) -> dict:
+        return {"name": name, "out": str(out / name), "seed": 0, "data": data, **kw}
+
+    fp_optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "onecycle"}
+    qat_optim = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05, "schedule": "cosine"}
+    init = {"name": "vit_cifar", "init": str(out / "fp")}
+    qat = {"epochs": qat_epochs, "optim": qat_optim, "reference_bits": 4, "model": init}
+    runs = [run("fp", recipe="fp", model={"name": "vit_cifar"}, epochs=fp_epochs, optim=fp_optim)]
+    runs.append(run("pact_static4", recipe="static", quant={"method": "pact", "bits": [4]}, **qat))
+    runs.append(
+        run(
+            "pact_dq_budget4",
+            recipe="dynamic",
+            quant={"method": "pact", "bits": [3, 4, 5], "tau": 1.0, "tau_final": 0.2},
+            budget={"kind": "bitops", "target_bits": 4, "weight": 2.0},
+            **qat,
+        )
+    )
+    runs.append(run("pact_static3", recipe="static", quant={"method": "pact", "bits": [3]}, **qat))
+    return runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archive", type=Path, default=REPO.parent / "shared/data/cifar10-jpeg.tar.gz")
+    p.add_argument("--data-dir", type=Path, default=Path.home() / ".cache/instaquant/cifar10-jpeg")
+    p.add_argument("--root", type=Path, help="an extracted train/ + test/ folder")
+    p.add_argument("--out", type=Path, default=Path("runs/vit_cifar10"))
+    p.add_argument("--fp-epochs", type=int, default=6)
+    p.add_argument("--qat-epochs", type=int, default=1)
+    p.add_argument("--limit", type=int, help="images per split (smoke tests)")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument(
+        "--tables-only", action="store_true", help="tables of the finished runs; train nothing"
+    )
+    args = p.parse_args()
+    root = args.root or extract(args.archive, args.data_dir)
+    t0 = time.time()
+    runs = plan(root, args.out, args.fp_epochs, args.qat_epochs, args.limit)
+    entries = run_all(runs, args.progress, not args.tables_only)
+    table = format_table(entries)
+    print(table)
+    (args.out / "vit.json").write_text(json.dumps({"runs": machine_results(entries)}, indent=2))
+    (args.out / "results.md").write_text(
+        f"```\n{table}\n```\n\nfp {args.fp_epochs} epochs, QAT {args.qat_epochs}; this "
+        f"invocation's wall time {(time.time() - t0) / 60:.1f} min\n"
+    )
+    print(f"wrote {args.out / 'results.md'} and {args.out / 'vit.json'}")
+
+
+if __name__ == "__main__":
+    main()

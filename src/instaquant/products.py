@@ -1,0 +1,94 @@
+"""Matrix products that no Conv2d/Linear holds: attention's q·kᵀ and attention·v.
+
+They are counted during the shape probe, per module, and listed as full-precision
+MACs: BitOPs count only the quantized Conv2d/Linear layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+
+@dataclass
+class ProductInfo:
+    """The matrix products run inside one module (per sample)."""
+
+    name: str  # the innermost module running them ("" for the model's own forward)
+    macs: int
+    count: int = 1
+
+
+def _matmul_macs(a: Tensor, out: Tensor) -> int:
+    return out[0].numel() * a.shape[-1] if out.dim() > 1 else a.shape[-1]
+
+
+def _sdpa_macs(q: Tensor, k: Tensor, v: Tensor) -> int:
+    heads_queries = q[0].numel() // q.shape[-1]  # H * L
+    return heads_queries * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
+_MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm}
+
+
+class ProductCounter(TorchFunctionMode):
+    """Within ``with``: the MACs of matrix products outside Conv2d/Linear modules of ``model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.stack: list[str] = []
+        self.found: dict[str, ProductInfo] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> ProductCounter:
+        for name, module in self.model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave))
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for h in self.handles:
+            h.remove()
+
+    def _enter(self, name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            inside = isinstance(module, (nn.Conv2d, nn.Linear)) or (
+                self.stack and self.stack[-1] is None
+            )
+            self.stack.append(None if inside else name)
+
+        return hook
+
+    def _leave(self, module: nn.Module, inputs: tuple, out) -> None:
+        self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        where = self.stack[-1] if self.stack else ""
+        if where is None:  # inside a Conv2d/Linear: its own MACs are counted elsewhere
+            return out
+        if func in _MATMULS:
+            self._add(where, _matmul_macs(args[0], out))
+        elif func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value")
+            q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+            self._add(where, _sdpa_macs(q, k, v))
+        return out
+
+    def _add(self, name: str, macs: int) -> None:
+        if name in self.found:
+            self.found[name].macs += macs
+            self.found[name].count += 1
+        else:
+            self.found[name] = ProductInfo(name, macs)
+
+    @property
+    def products(self) -> list[ProductInfo]:
+        return list(self.found.values())

@@ -36,3 +36,14 @@ def test_saving_and_export_block_runs(tmp_path, monkeypatch, capsys):
     with torch.no_grad():
         torch.testing.assert_close(namespace["model"](x), before(x), atol=0, rtol=0)
     assert {p.name for p in tmp_path.iterdir()} == {"dq.pt", "dq.onnx", "dq.pt2"}
+
+
+def test_models_you_bring_block_runs():
+    pytest.importorskip("timm", reason="the [timm] extra is not installed")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    block = next(b for b in blocks if "timm.create_model" in b)
+    namespace: dict = {"iq": __import__("instaquant"), "torch": torch}
+    exec(compile(block, "README.md models you bring", "exec"), namespace)
+    model = namespace["model"]
+    assert model.spec.tap == "blocks.1"
+    assert model.tap_reason.startswith("chosen: the earliest stage end with 15%")

@@ -95,7 +95,6 @@ class DistillConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw (transformers); momentum/nesterov apply to sgd
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -106,6 +105,7 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=list)  # epochs (may be fractional)
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    name: str = "sgd"  # sgd | adamw (transformers); momentum/nesterov apply to sgd
 
 
 @dataclass

@@ -49,7 +49,8 @@ class ProbeResult:
     products: list[ProductInfo] = field(default_factory=list)
 
 
-def _macs(module: nn.Module, out: Tensor) -> int:
+def layer_macs(module: nn.Module, out: Tensor) -> int:
+    """MACs per sample of a Conv2d or Linear call that returned ``out``."""
     per_sample_out = out[0].numel()
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
@@ -104,7 +105,7 @@ def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> Pr
                 op="conv" if isinstance(module, nn.Conv2d) else "linear",
                 in_shape=tuple(x.shape[1:]),
                 out_shape=tuple(out.shape[1:]),
-                macs=_macs(module, out),
+                macs=layer_macs(module, out),
                 params=sum(p.numel() for p in module.parameters(recurse=False)),
                 input_negative=bool((x < 0).any()),
                 order=len(order),

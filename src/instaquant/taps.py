@@ -15,8 +15,8 @@ Among the cuts, the candidates are the ends of stages:
 The tap is the first candidate by which :data:`TAP_MACS_SHARE` of the network's MACs
 have run, so the controller reads features past the stem while most of the compute
 stays dynamic: ``layer1`` of ResNets (CIFAR and ImageNet), ``features.3`` of
-MobileNetV2, the first stage of EfficientNet, RegNet and ConvNeXt, the second block
-of a ViT.
+MobileNetV2, ``blocks.1`` of EfficientNet-B0, ``s2`` of RegNetY-200MF, ``stages.0`` of
+ConvNeXt, the second block of a ViT-Ti.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .cost import forward_with_hooks
+from .cost import forward_with_hooks, layer_macs
 
 # The tap is the first stage end by which this share of the MACs has run.
 TAP_MACS_SHARE = 0.15
@@ -111,7 +110,7 @@ def find_cuts(model: nn.Module, example_input: Tensor) -> list[Cut]:
             if isinstance(out, Tensor):
                 ends.append((trace.count, name, out))
             if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(out, Tensor):
-                macs_done.append((trace.count, _macs(module, out)))
+                macs_done.append((trace.count, layer_macs(module, out)))
 
         return hook
 
@@ -142,13 +141,6 @@ def find_cuts(model: nn.Module, example_input: Tensor) -> list[Cut]:
             cuts[at_point[done]] = cut
     _mark_stage_ends(cuts, starts, {name: tuple(out.shape[1:]) for _, name, out in ends})
     return cuts
-
-
-def _macs(module: nn.Module, out: Tensor) -> int:
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return out[0].numel() * (module.in_channels // module.groups) * kh * kw
-    return out[0].numel() * module.in_features
 
 
 class _Liveness:
@@ -237,13 +229,4 @@ def choose_tap(model: nn.Module, example_input: Tensor) -> TapChoice:
         f"cannot choose the tap module of {type(model).__name__}: no stage end has "
         f"{TAP_MACS_SHARE:.0%} of the MACs before it with layers left after it (considered: "
         f"{listed}); name one with spec.tap"
-    )
-
-
-@torch.no_grad()
-def describe(model: nn.Module, example_input: Tensor) -> str:
-    """The cuts and tap candidates, one per line (for debugging a model's tap)."""
-    return "\n".join(
-        f"{c.name:<40} {str(c.shape):<20} {c.macs_share:6.1%} {'stage end' if c.stage_end else ''}"
-        for c in find_cuts(model, example_input)
     )

@@ -79,3 +79,20 @@ def test_a_tap_that_is_neither_feature_map_nor_tokens_is_refused():
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
     with pytest.raises(ValueError, match=r"tap module '1' outputs per-sample shape \(8,\)"):
         iq.dynamic(net, iq.DynamicSpec(tap="1"), torch.randn(2, 3, 2, 2))
+
+
+def test_a_module_that_runs_twice_is_never_the_default_tap():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.head = nn.Sequential(
+                nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(512, 3)
+            )
+
+        def forward(self, x):
+            return self.head(self.block(self.block(self.stem(x))))
+
+    x = torch.randn(2, 3, 8, 8)
+    assert "block" not in {c.name for c in find_cuts(Twice(), x)}

@@ -98,9 +98,13 @@ def find_cuts(model: nn.Module, example_input: Tensor) -> list[Cut]:
     starts: dict[str, tuple[int, tuple[int, ...] | None]] = {}
     macs_done: list[tuple[int, int]] = []  # (ops done, MACs) per Conv2d/Linear call
 
+    repeated: set[str] = set()
+
     def pre_hook(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+            if name in starts:
+                repeated.add(name)  # a module called twice cannot be the tap
             starts[name] = (trace.count, tuple(x.shape[1:]) if x is not None else None)
 
         return hook
@@ -128,7 +132,7 @@ def find_cuts(model: nn.Module, example_input: Tensor) -> list[Cut]:
     cuts: list[Cut] = []
     at_point: dict[int, int] = {}  # ops done -> index in cuts
     for done, name, out in ends:
-        if not live.is_cut(done, out):
+        if name in repeated or not live.is_cut(done, out):
             continue
         share = sum(m for at, m in macs_done if at <= done) / total
         cut = Cut(name, tuple(out.shape[1:]), share)

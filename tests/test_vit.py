@@ -177,3 +177,24 @@ def _convert_train_eval(fp, size, tap):
         assert torch.isfinite(model(x)).all()
     assert model.last.bits_w.shape == (4, len(model.dynamic_layers))
     return model
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
+    reason="the [export] extra is not installed",
+)
+def test_vit_exports_to_onnx_with_the_same_choices(tmp_path):
+    import onnxruntime as ort
+
+    model = _small_vit().float()
+    seeded_train_step(model, varied_images(8).float(), torch.arange(8) % 10)
+    model.eval()
+    x = varied_images(6, seed=2).float()
+    iq.export(model, x, tmp_path / "vit.onnx")
+    session = ort.InferenceSession(str(tmp_path / "vit.onnx"))
+    logits, bits_w, _, bitops = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    assert (torch.from_numpy(bits_w) == model.last.bits_w).all()
+    assert (torch.from_numpy(bitops) == model.last.bitops).all()
+    torch.testing.assert_close(torch.from_numpy(logits), want, atol=1e-4, rtol=0)

@@ -55,6 +55,8 @@ def test_torchvision_dynamic_and_static_forward_backward(name):
     example = torch.randn(1, 3, 64, 64)
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
     dq = iq.dynamic(fp, iq.DynamicSpec(method="lsq", bits=(2, 3, 4)), example)
+    # The tap chosen from the model (no spec.tap): the end of the first stride-4 stage.
+    assert dq.spec.tap == {"mobilenet_v2": "features.3"}.get(name, "layer1")
     loss = F.cross_entropy(dq(x), y) + dq.budget_loss()
     loss.backward()
     assert torch.isfinite(loss)

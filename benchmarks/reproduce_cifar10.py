@@ -286,6 +286,19 @@ def fp_entry(path: Path) -> dict:
     }
 
 
+def common_arguments(p: argparse.ArgumentParser, out: Path) -> None:
+    """The data, output and run-control options every CIFAR-10 benchmark here takes."""
+    p.add_argument("--archive", type=Path, default=REPO.parent / "shared/data/cifar10-jpeg.tar.gz")
+    p.add_argument("--data-dir", type=Path, default=Path.home() / ".cache/instaquant/cifar10-jpeg")
+    p.add_argument("--root", type=Path, help="an extracted train/ + test/ folder")
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--limit", type=int, help="images per split (smoke tests)")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument(
+        "--tables-only", action="store_true", help="tables of the finished runs; train nothing"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
@@ -294,21 +307,13 @@ def main() -> None:
         "--learn", action="store_true", help="6 QAT epochs from --fp-init (about 100 min, PACT)"
     )
     mode.add_argument("--paper", action="store_true", help="full schedules (GPU)")
-    p.add_argument("--archive", type=Path, default=REPO.parent / "shared/data/cifar10-jpeg.tar.gz")
-    p.add_argument("--data-dir", type=Path, default=Path.home() / ".cache/instaquant/cifar10-jpeg")
-    p.add_argument("--root", type=Path, help="an extracted train/ + test/ folder")
-    p.add_argument("--out", type=Path, default=Path("runs/reproduce_cifar10"))
+    common_arguments(p, Path("runs/reproduce_cifar10"))
     p.add_argument("--methods", nargs="+", help="default: pact with --learn, else dorefa pact")
     p.add_argument(
         "--fp-init",
         type=Path,
         help="a full-precision ResNet-20 checkpoint (run folder or .pt) to start every "
         "quantized run from, instead of training one",
-    )
-    p.add_argument("--limit", type=int, help="images per split (smoke tests)")
-    p.add_argument("--progress", action="store_true", help="progress bars")
-    p.add_argument(
-        "--tables-only", action="store_true", help="tables of the finished runs; train nothing"
     )
     p.add_argument(
         "--levers",

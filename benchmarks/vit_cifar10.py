@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reproduce_cifar10 import REPO, extract, machine_results, run_all
+from reproduce_cifar10 import common_arguments, extract, machine_results, run_all
 
 from instaquant.demo import format_table
 
@@ -57,10 +57,7 @@ def plan(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--archive", type=Path, default=REPO.parent / "shared/data/cifar10-jpeg.tar.gz")
-    p.add_argument("--data-dir", type=Path, default=Path.home() / ".cache/instaquant/cifar10-jpeg")
-    p.add_argument("--root", type=Path, help="an extracted train/ + test/ folder")
-    p.add_argument("--out", type=Path, default=Path("runs/vit_cifar10"))
+    common_arguments(p, Path("runs/vit_cifar10"))
     p.add_argument("--fp-epochs", type=int, default=6)
     p.add_argument("--qat-epochs", type=int, default=1)
     p.add_argument(
@@ -68,11 +65,6 @@ def main() -> None:
         default="lsq",
         help="quantizer of the QAT runs (lsq: PACT's clip, set from a quantile, loses half the "
         "accuracy of this ViT at conversion)",
-    )
-    p.add_argument("--limit", type=int, help="images per split (smoke tests)")
-    p.add_argument("--progress", action="store_true", help="progress bars")
-    p.add_argument(
-        "--tables-only", action="store_true", help="tables of the finished runs; train nothing"
     )
     args = p.parse_args()
     root = args.root or extract(args.archive, args.data_dir)

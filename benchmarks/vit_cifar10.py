@@ -63,8 +63,8 @@ def main() -> None:
     p.add_argument(
         "--method",
         default="lsq",
-        help="quantizer of the QAT runs (lsq: PACT's clip, set from a quantile, loses half the "
-        "accuracy of this ViT at conversion)",
+        help="quantizer of the QAT runs (default lsq: after one epoch static PACT 4-bit "
+        "reached 26%% against LSQ's 63%%)",
     )
     args = p.parse_args()
     root = args.root or extract(args.archive, args.data_dir)

@@ -72,6 +72,17 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def lever_name(name: str) -> str:
+    """A ``--levers`` entry: one of :data:`LEVERS`, or several joined with ``+``."""
+    unknown = [part for part in name.split("+") if part not in LEVERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown lever {unknown[0]!r} in {name!r}; allowed: {', '.join(sorted(LEVERS))} "
+            "(join with + to combine)"
+        )
+    return name
+
+
 def extract(archive: Path, data_dir: Path) -> Path:
     """Extract the tarball once; returns the folder holding train/ and test/."""
     marker = data_dir / ".extracted"
@@ -151,7 +162,10 @@ def dq_run(run: Any, method: str, budget: int, init: dict, qat: dict) -> dict:
 
 
 def lever_plan(runs: list[dict], out: Path, names: list[str]) -> list[dict]:
-    """PACT DQ at the 3-bit budget once per named lever (:data:`LEVERS`), all else equal."""
+    """PACT DQ at the 3-bit budget once per named lever (:data:`LEVERS`), all else equal.
+
+    A name joining levers with ``+`` (``candidate_bn+warmup``) is one run with all of them.
+    """
     base = next(r for r in runs if r["name"] == "pact_dq_budget3")
     plans = []
     for name in names:
@@ -160,8 +174,9 @@ def lever_plan(runs: list[dict], out: Path, names: list[str]) -> list[dict]:
             "name": f"pact_dq_budget3_{name}",
             "out": str(out / f"pact_dq_budget3_{name}"),
         }
-        for section, changes in LEVERS[name].items():
-            run[section] = {**run.get(section, {}), **changes}
+        for part in name.split("+"):
+            for section, changes in LEVERS[part].items():
+                run[section] = {**run.get(section, {}), **changes}
         plans.append(run)
     return plans
 
@@ -318,8 +333,9 @@ def main() -> None:
     p.add_argument(
         "--levers",
         nargs="*",
-        choices=sorted(LEVERS),
-        help="then PACT DQ at the 3-bit budget once per named option (all when none named)",
+        type=lever_name,
+        help="then PACT DQ at the 3-bit budget once per named option (all when none named); "
+        f"options: {', '.join(sorted(LEVERS))}; join with + to combine (candidate_bn+warmup)",
     )
     p.add_argument(
         "--ablations",

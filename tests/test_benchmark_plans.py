@@ -1,5 +1,6 @@
 """The CIFAR-10 reproduction's run plan: every run is a valid config, with the settings the docs state."""
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -65,7 +66,8 @@ def test_learn_plan_starts_from_the_given_model_and_levers_change_one_thing(tmp_
     with pytest.raises(SystemExit, match="fp-init"):
         script.plan(tmp_path / "data", tmp_path / "out", "learn", ["pact"], None)
 
-    levers = script.lever_plan(runs, tmp_path / "out", sorted(script.LEVERS))
+    names = [*sorted(script.LEVERS), "candidate_bn+distill_highest"]
+    levers = script.lever_plan(runs, tmp_path / "out", names)
     base = config.from_dict(next(r for r in runs if r["name"] == "pact_dq_budget3")).to_dict()
     for raw in levers:
         changed = config.from_dict(raw).to_dict()
@@ -76,8 +78,11 @@ def test_learn_plan_starts_from_the_given_model_and_levers_change_one_thing(tmp_
             for key in values
             if values[key] != base[section][key]
         }
-        lever = raw["name"].removeprefix("pact_dq_budget3_")
-        assert diff == {(s, k) for s, kv in script.LEVERS[lever].items() for k in kv}, lever
+        parts = raw["name"].removeprefix("pact_dq_budget3_").split("+")
+        expected = {(s, k) for p in parts for s, kv in script.LEVERS[p].items() for k in kv}
+        assert diff == expected, parts
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown lever 'bogus'.*allowed: "):
+        script.lever_name("candidate_bn+bogus")
 
 
 def test_ablations_without_pact_stop_before_any_training(tmp_path, monkeypatch, capsys):

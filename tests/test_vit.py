@@ -183,10 +183,11 @@ def _convert_train_eval(fp, size, tap):
     not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
     reason="the [export] extra is not installed",
 )
-def test_vit_exports_to_onnx_with_the_same_choices(tmp_path):
+@pytest.mark.parametrize("product_bits", [None, 4])
+def test_vit_exports_to_onnx_with_the_same_choices(tmp_path, product_bits):
     import onnxruntime as ort
 
-    model = _small_vit().float()
+    model = _small_vit(product_bits=product_bits).float()
     seeded_train_step(model, varied_images(8).float(), torch.arange(8) % 10)
     model.eval()
     x = varied_images(6, seed=2).float()

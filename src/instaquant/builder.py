@@ -68,6 +68,7 @@ def spec_from_config(cfg: Config, signed: dict[str, bool] | None = None) -> Dyna
         tau_final=q.tau_final,
         sample_in_eval=q.sample_in_eval,
         execution=q.execution,
+        product_bits=q.product_bits,
     )
 
 
@@ -111,7 +112,15 @@ def build_model(
     q = cfg.quant
     if cfg.recipe == "static":
         return static(
-            fp, q.method, q.bits[0], example, q.first_last, tuple(q.exclude), q.share, signed
+            fp,
+            q.method,
+            q.bits[0],
+            example,
+            q.first_last,
+            tuple(q.exclude),
+            q.share,
+            signed,
+            q.product_bits,
         )
     return dynamic(fp, spec_from_config(cfg, signed), example)
 

@@ -73,6 +73,7 @@ class QuantConfig:
     tau_final: float | None = None
     sample_in_eval: bool = False
     execution: str = "fast"
+    product_bits: int | None = None  # attention's matrix products quantized at these bits
 
 
 @dataclass
@@ -332,6 +333,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'quant.random_epochs': {cfg.quant.random_epochs} must be in "
             f"0..epochs-1 ({cfg.epochs - 1}), and needs recipe dynamic when above 0"
+        )
+    product_bits = cfg.quant.product_bits
+    if product_bits is not None and (
+        isinstance(product_bits, bool)
+        or not isinstance(product_bits, int)
+        or not 1 <= product_bits <= 8
+    ):
+        raise ConfigError(
+            f"config key 'quant.product_bits': {product_bits!r} must be null or an integer 1..8"
         )
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr': {cfg.optim.lr} must be > 0")

@@ -33,6 +33,7 @@ from .cost import (
 )
 from .nn.attention import split_attention
 from .nn.layers import EXECUTIONS, DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
+from .nn.product_quant import quantize_products
 from .nn.routing import RoutePlan, choice_keys, plan_layers
 from .nn.switchable_bn import find_following_bns, swap_switchable_bns
 from .products import ProductInfo
@@ -101,6 +102,10 @@ class DynamicSpec:
             trains on the exact row-split path; ``reference`` runs the mixture of all
             branches as the paper's code does; ``graph`` selects each sample's candidate by
             indexing in evaluation (no host sync, exportable) and trains as ``fast``.
+        product_bits (int | None, None): quantize the matrix products outside Conv2d/Linear
+            layers (attention's q·kᵀ and attention·v) at this many bits, both operands, with
+            ``method``'s activation quantizer; they are then counted in BitOPs as fixed-bit
+            rows. None keeps them full precision, listed apart and outside BitOPs.
     """
 
     method: str = "pact"
@@ -123,6 +128,7 @@ class DynamicSpec:
     tau_final: float | None = None
     sample_in_eval: bool = False
     execution: str = "fast"
+    product_bits: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, int):
@@ -134,6 +140,7 @@ class DynamicSpec:
         if self.fixed_bits is None:
             self.fixed_bits = self.bits[len(self.bits) // 2]
         _check_bits((self.fixed_bits,), "fixed_bits")
+        check_product_bits(self.product_bits, self.method)
         if self.first_last not in FIRST_LAST:
             raise ValueError(
                 f"first_last {self.first_last!r} is not allowed; allowed: {', '.join(FIRST_LAST)}"
@@ -163,6 +170,15 @@ class DynamicSpec:
                 f"budget must be an instaquant.Budget (or a dict of its fields), got "
                 f"{type(self.budget).__name__}"
             )
+
+
+def check_product_bits(bits: int | None, method: str) -> None:
+    if bits is None:
+        return
+    _check_bits((bits,), "product_bits")
+    low = min_bits(method, "activation", signed=True)  # q, k and v are signed
+    if bits < low:
+        raise ValueError(f"method {method!r} needs product_bits >= {low}, got {bits}")
 
 
 def patterns(exclude: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -289,7 +305,8 @@ class QuantModel(nn.Module):
 
     @property
     def quantized_layers(self) -> list[LayerInfo]:
-        return [i for i in self.layers if i.role != "fp"]
+        """The quantized Conv2d/Linear layers (not the rows of quantized products)."""
+        return [i for i in self.layers if i.role != "fp" and i.op != "product"]
 
     @property
     def dynamic_layers(self) -> list[LayerInfo]:
@@ -576,6 +593,7 @@ def _plan(
     tap: str | None,
     first_last: str,
     exclude: tuple[str, ...],
+    product_bits: int | None = None,
 ) -> ProbeResult:
     result = probe(model, example_input, tap)
     if not result.layers:
@@ -588,7 +606,35 @@ def _plan(
                 f"like {', '.join(names[:3])}, ..."
             )
     _assign_roles(result.layers, first_last, exclude)
+    if product_bits is not None:
+        result.layers += _product_rows(result.products, product_bits, len(result.layers))
     return result
+
+
+def _product_rows(products: list[ProductInfo], bits: int, start: int) -> list[LayerInfo]:
+    """Quantized products as fixed-bit rows of the layer plan, so every BitOPs figure
+    (budget target, static reference, per-image cost) counts them."""
+    if not products:
+        raise ValueError(
+            "product_bits is set but the model runs no matrix product outside its Conv2d/"
+            "Linear layers (such as attention's); leave product_bits None"
+        )
+    return [
+        LayerInfo(
+            name=f"{p.name or '(model)'} (products)",
+            op="product",
+            in_shape=(),
+            out_shape=(),
+            macs=p.macs,
+            params=0,
+            input_negative=False,
+            order=start + i,
+            role="static",
+            bits=(bits,),
+            pinned_bits=bits,
+        )
+        for i, p in enumerate(products)
+    ]
 
 
 def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> DynamicQuantModel:
@@ -606,7 +652,9 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
         spec.tap, tap_reason = choice.name, choice.reason
     else:
         tap_reason = "named by spec.tap"
-    planned = _plan(model, example_input, spec.tap, spec.first_last, spec.exclude)
+    planned = _plan(
+        model, example_input, spec.tap, spec.first_last, spec.exclude, spec.product_bits
+    )
     layers, tap_shape = planned.layers, planned.tap_shape
     if not any(i.role == "dynamic" for i in layers):
         raise ValueError(
@@ -620,7 +668,7 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
         names = [i.name for i in layers if i.role == "dynamic"]
         bn_pairs = find_following_bns(model, example_input, names)
     for info in layers:
-        if info.role == "fp":
+        if info.role == "fp" or info.op == "product":
             continue
         if info.role == "dynamic":
             info.bits = spec.bits
@@ -647,6 +695,8 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
         )
     _warn_if_never_binding(spec, layers)
     swap_switchable_bns(model, bn_pairs, len(spec.bits))
+    if spec.product_bits is not None:  # after the swaps: the quantized layers pause it
+        quantize_products(model, planned.products, spec.method, spec.product_bits)
     controller = BitController(
         _tap_channels(spec.tap, tap_shape),
         num_layers=sum(i.role == "dynamic" for i in layers),
@@ -664,7 +714,7 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
     result = DynamicQuantModel(model, controller, spec, layers, tap_shape, bn_pairs)
     result.to(first.device)
     result.example_shape = tuple(example_input.shape[1:])
-    result.products = planned.products
+    result.products = [] if spec.product_bits else planned.products  # else rows of the plan
     result.tap_reason = tap_reason
     result.set_execution(spec.execution)  # the candidate BatchNorms follow the layers
     return result
@@ -708,6 +758,7 @@ def static(
     exclude: tuple[str, ...] = (),
     share: bool = False,
     signed: dict[str, bool] | None = None,
+    product_bits: int | None = None,
 ) -> StaticQuantModel:
     """The fixed-bit baseline with the same full-precision/quantized layer choices as :func:`dynamic`.
 
@@ -722,31 +773,36 @@ def static(
         share (bool, False): kept for symmetry with :class:`DynamicSpec` (one candidate).
         signed (dict[str, bool] | None, None): per-layer override of the signed-activation
             detection.
+        product_bits (int | None, None): bits of the matrix products outside Conv2d/Linear
+            layers (attention), as in :class:`DynamicSpec`; None keeps them full precision.
     """
     _check_bits((bits,), "bits")
     _check_method(method, (bits,))
+    check_product_bits(product_bits, method)
     if first_last not in FIRST_LAST:
         raise ValueError(
             f"first_last {first_last!r} is not allowed; allowed: {', '.join(FIRST_LAST)}"
         )
     model = copy.deepcopy(model)
     split_attention(model)
-    planned = _plan(model, example_input, None, first_last, patterns(exclude))
+    planned = _plan(model, example_input, None, first_last, patterns(exclude), product_bits)
     layers = planned.layers
     signed = signed or {}
     unknown = set(signed) - {i.name for i in layers}
     if unknown:
         raise ValueError(f"signed names unknown layers: {', '.join(sorted(unknown))}")
     for info in layers:
-        if info.role == "fp":
+        if info.role == "fp" or info.op == "product":
             continue
         info.role = "static"
         info.bits = info.bits or (bits,)
         info.input_negative = signed.get(info.name, info.input_negative)
         _swap(model, info, method, info.bits, info.input_negative, share=share)
+    if product_bits is not None:
+        quantize_products(model, planned.products, method, product_bits)
     result = StaticQuantModel(model, layers, bits, method)
     result.example_shape = tuple(example_input.shape[1:])
-    result.products = planned.products
+    result.products = [] if product_bits else planned.products
     # What iq.save needs to convert the same backbone again (plain types).
     result.conversion = {
         "method": method,
@@ -754,5 +810,6 @@ def static(
         "first_last": first_last,
         "exclude": list(exclude),
         "share": bool(share),
+        "product_bits": product_bits,
     }
     return result

@@ -2,7 +2,8 @@
 
 Convention: BitOPs ``= Σ MACs · b_w · b_a`` over the *quantized* layers (static and
 dynamic). Full-precision layers (by default the first conv and the last linear)
-are not counted in BitOPs; their MACs are reported separately.
+are not counted in BitOPs; their MACs are reported separately. Quantized matrix products
+(``product_bits``) are rows of the plan with fixed bits, counted like a static layer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .products import ProductCounter, ProductInfo
 BITOPS_CONVENTION = (
     "BitOPs = sum over quantized layers of MACs * weight bits * activation bits; "
     "full-precision layers are not counted, nor matrix products outside layers such as "
-    "attention's (their MACs are listed separately)"
+    "attention's unless product_bits quantizes them (MACs * product_bits^2); uncounted MACs "
+    "are listed separately"
 )
 BUDGET_KINDS = ("bitops", "bits")
 

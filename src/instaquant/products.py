@@ -1,12 +1,13 @@
 """Matrix products that no Conv2d/Linear holds: attention's q·kᵀ and attention·v.
 
 They are counted during the shape probe, per module, and listed as full-precision
-MACs: BitOPs count only the quantized Conv2d/Linear layers.
+MACs outside BitOPs, unless the conversion quantizes them (``product_bits``, see
+:mod:`instaquant.nn.product_quant`): then each becomes a fixed-bit row of the layer plan.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ class ProductInfo:
     name: str  # the innermost module running them ("" for the model's own forward)
     macs: int
     count: int = 1
+    # Per call, in order: "matmul" or "sdpa", and whether each operand held negative values
+    # (matmul: a, b; sdpa: query, key, attention weights (never), value).
+    calls: list[tuple[str, tuple[bool, ...]]] = field(default_factory=list)
 
 
 def _matmul_macs(a: Tensor, out: Tensor) -> int:
@@ -32,7 +36,17 @@ def _sdpa_macs(q: Tensor, k: Tensor, v: Tensor) -> int:
     return heads_queries * k.shape[-2] * (q.shape[-1] + v.shape[-1])
 
 
-_MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm}
+def _negative(t: Tensor) -> bool:
+    return bool((t < 0).any())
+
+
+def sdpa_operands(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """query, key and value of a ``scaled_dot_product_attention`` call, however passed."""
+    names = ("query", "key", "value")
+    return tuple(args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+
+
+MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm}
 
 
 class ProductCounter(TorchFunctionMode):
@@ -74,20 +88,23 @@ class ProductCounter(TorchFunctionMode):
         where = self.stack[-1] if self.stack else ""
         if where is None:  # inside a Conv2d/Linear: its own MACs are counted elsewhere
             return out
-        if func in _MATMULS:
-            self._add(where, _matmul_macs(args[0], out))
+        if func in MATMULS:
+            a, b = args[0], args[1]
+            self._add(where, _matmul_macs(a, out), ("matmul", (_negative(a), _negative(b))))
         elif func is F.scaled_dot_product_attention:
-            names = ("query", "key", "value")
-            q, k, v = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
-            self._add(where, _sdpa_macs(q, k, v))
+            q, k, v = sdpa_operands(args, kwargs)
+            signs = (_negative(q), _negative(k), False, _negative(v))
+            self._add(where, _sdpa_macs(q, k, v), ("sdpa", signs))
         return out
 
-    def _add(self, name: str, macs: int) -> None:
-        if name in self.found:
-            self.found[name].macs += macs
-            self.found[name].count += 1
+    def _add(self, name: str, macs: int, call: tuple[str, tuple[bool, ...]]) -> None:
+        info = self.found.get(name)
+        if info is None:
+            self.found[name] = ProductInfo(name, macs, calls=[call])
         else:
-            self.found[name] = ProductInfo(name, macs)
+            info.macs += macs
+            info.count += 1
+            info.calls.append(call)
 
     @property
     def products(self) -> list[ProductInfo]:

@@ -27,7 +27,7 @@ from .models.arch import arch_of
 
 def describe(model: QuantModel) -> dict[str, Any]:
     """The ``quant_model`` entry of a saved file: how to convert the backbone again."""
-    signed = {i.name: bool(i.input_negative) for i in model.layers if i.role != "fp"}
+    signed = {i.name: bool(i.input_negative) for i in model.quantized_layers}
     entry: dict[str, Any] = {
         "arch": arch_of(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -87,6 +87,7 @@ def load(
             tuple(s["exclude"]),
             s["share"],
             entry["signed"],
+            s.get("product_bits"),
         )
     load_model_state(result, ckpt["model"], f"file {str(path)!r}")
     if isinstance(result, DynamicQuantModel):

@@ -2,7 +2,8 @@
 
 Every projection is an ``nn.Linear`` (attention ``qkv`` and ``proj``, MLP ``fc1`` and
 ``fc2``), so each can be quantized and made dynamic; the attention products run in
-``scaled_dot_product_attention`` and are listed as full-precision MACs.
+``scaled_dot_product_attention`` and are listed as full-precision MACs (quantized, and
+counted in BitOPs, with ``product_bits``).
 """
 
 from __future__ import annotations

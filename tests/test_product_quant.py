@@ -1,6 +1,7 @@
 """Quantized attention products (``product_bits``): operands quantized, counted in BitOPs."""
 
 import copy
+import importlib.util
 import math
 
 import pytest
@@ -234,3 +235,18 @@ def test_bad_product_bits_are_refused():
     cfg = {"name": "x", "recipe": "dynamic", "quant": {"product_bits": 0}}
     with pytest.raises(config.ConfigError, match="'quant.product_bits': 0 must be null or"):
         config.from_dict(cfg)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
+def test_timm_vit_attention_quantizes_its_products():
+    import timm
+
+    net = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8)
+    x = torch.randn(2, 3, 32, 32)
+    model = iq.dynamic(net, iq.DynamicSpec(method="lsq", bits=(2, 4, 8), product_bits=8), x)
+    rows = [i.name for i in model.layers if i.op == "product"]
+    assert rows == [f"blocks.{b}.attn (products)" for b in range(12)]
+    quantizers = model.model.blocks[3].attn.product_quantizers
+    model.train()
+    (model(x).logsumexp(1).mean() + model.budget_loss()).backward()
+    assert all(q.step.grad is not None for q in quantizers.calls[0])

@@ -8,6 +8,7 @@ checkpoint when started again; finished runs are skipped. Writes ``results.md`` 
 ``vit.json`` into ``--out``.
 
     python benchmarks/vit_cifar10.py --out runs/vit            # about 80 min on 2 CPU cores
+    python benchmarks/vit_cifar10.py --out runs/vit --product-bits 8   # products quantized too
     python benchmarks/vit_cifar10.py --out runs/vit --limit 512 --fp-epochs 1   # smoke test
 """
 
@@ -25,9 +26,16 @@ from instaquant.demo import format_table
 
 
 def plan(
-    root: Path, out: Path, fp_epochs: int, qat_epochs: int, limit: int | None, method: str
+    root: Path,
+    out: Path,
+    fp_epochs: int,
+    qat_epochs: int,
+    limit: int | None,
+    method: str,
+    product_bits: int | None = None,
 ) -> list[dict]:
-    """Config dicts of every run, in the order they must run."""
+    """Config dicts of every run, in the order they must run. With ``product_bits`` the
+    quantized runs also quantize the attention products (named ``..._products{b}``)."""
     data = {"name": "imagefolder", "root": str(root), "image_size": 32, "batch_size": 128}
     if limit:
         data["limit"] = limit
@@ -40,18 +48,24 @@ def plan(
     init = {"name": "vit_cifar", "init": str(out / "fp")}
     qat = {"epochs": qat_epochs, "optim": qat_optim, "reference_bits": 4, "model": init}
     runs = [run("fp", recipe="fp", model={"name": "vit_cifar"}, epochs=fp_epochs, optim=fp_optim)]
-    m = method
-    runs.append(run(f"{m}_static4", recipe="static", quant={"method": m, "bits": [4]}, **qat))
+    m, products = method, {} if product_bits is None else {"product_bits": product_bits}
+    suffix = "" if product_bits is None else f"_products{product_bits}"
+
+    def static(bits: int) -> dict:
+        quant = {"method": m, "bits": [bits], **products}
+        return run(f"{m}_static{bits}{suffix}", recipe="static", quant=quant, **qat)
+
+    runs.append(static(4))
     runs.append(
         run(
-            f"{m}_dq_budget4",
+            f"{m}_dq_budget4{suffix}",
             recipe="dynamic",
-            quant={"method": m, "bits": [3, 4, 5], "tau": 1.0, "tau_final": 0.2},
+            quant={"method": m, "bits": [3, 4, 5], "tau": 1.0, "tau_final": 0.2, **products},
             budget={"kind": "bitops", "target_bits": 4, "weight": 2.0},
             **qat,
         )
     )
-    runs.append(run(f"{m}_static3", recipe="static", quant={"method": m, "bits": [3]}, **qat))
+    runs.append(static(3))
     return runs
 
 
@@ -66,10 +80,23 @@ def main() -> None:
         help="quantizer of the QAT runs (default lsq: after one epoch static PACT 4-bit "
         "reached 26%% against LSQ's 63%%)",
     )
+    p.add_argument(
+        "--product-bits",
+        type=int,
+        help="also quantize the attention products (q·kᵀ, attention·v) at these bits",
+    )
     args = p.parse_args()
     root = args.root or extract(args.archive, args.data_dir)
     t0 = time.time()
-    runs = plan(root, args.out, args.fp_epochs, args.qat_epochs, args.limit, args.method)
+    runs = plan(
+        root,
+        args.out,
+        args.fp_epochs,
+        args.qat_epochs,
+        args.limit,
+        args.method,
+        args.product_bits,
+    )
     entries = run_all(runs, args.progress, not args.tables_only)
     table = format_table(entries)
     print(table)

@@ -208,6 +208,17 @@ def test_a_module_running_other_products_than_at_conversion_is_refused():
         model(x)
     model.model.need_weights = False
     assert model(x).shape == (2, 2)  # the mode was left cleanly
+    assert (torch.ones(2, 3) @ torch.ones(3, 2) == 3).all()  # nothing left quantizing
+
+
+def test_a_module_skipping_a_product_it_ran_at_conversion_is_refused():
+    x = torch.randn(4, 5, 6)
+    net = _Net()
+    model = iq.static(net, "pact", 4, x, first_last="quantize", product_bits=4)
+    model.model.mix.forward = lambda h: model.model.mix.proj(h)  # skips its one matmul
+    with pytest.raises(RuntimeError, match=r"'mix' ran 0 of the 1 products it ran at conv"):
+        model(x)
+    assert (torch.ones(2, 3) @ torch.ones(3, 2) == 3).all()
 
 
 def test_save_and_load_keep_quantized_products(tmp_path):

@@ -51,10 +51,18 @@ class ProductQuantizers(nn.Module):
         mode.__enter__()
         self.__dict__["_mode"] = mode
 
-    def end(self) -> None:
+    def end(self, finished: bool) -> None:
+        """Leave the mode; after a forward that ``finished``, every product must have run
+        (the ones that did not would still be counted in BitOPs)."""
         mode = self.__dict__.pop("_mode", None)
         if mode is not None:
             mode.__exit__(None, None, None)
+        if finished and self._next != len(self.kinds):
+            raise RuntimeError(
+                f"module {self.owner_name or '(model)'!r} ran {self._next} of the "
+                f"{len(self.kinds)} products it ran at conversion ({', '.join(self.kinds)}); "
+                "quantized products need the same products in the same order every forward"
+            )
 
     def run(self, func, args: tuple, kwargs: dict) -> Tensor:
         """The product ``func(*args, **kwargs)`` with its operands quantized."""
@@ -120,7 +128,8 @@ def _begin(module: nn.Module, args: tuple) -> None:
 
 
 def _end(module: nn.Module, args: tuple, out) -> None:
-    module.product_quantizers.end()
+    # Also called when the forward raised (``always_call``), then with ``out`` None.
+    module.product_quantizers.end(finished=out is not None)
 
 
 def _pause(module: nn.Module, args: tuple) -> None:

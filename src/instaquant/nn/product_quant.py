@@ -76,9 +76,9 @@ class ProductQuantizers(nn.Module):
                 "same products in the same order every forward"
             )
         self._next += 1
-        quantize = self.calls[i]
+        quantize = [_quantize_fn(q) for q in self.calls[i]]
         if kind == "matmul":
-            return func(quantize[0](args[0], 0), quantize[1](args[1], 0), *args[2:], **kwargs)
+            return func(quantize[0](args[0]), quantize[1](args[1]), *args[2:], **kwargs)
         return _attention(quantize, args, kwargs)
 
     def extra_repr(self) -> str:
@@ -98,7 +98,14 @@ class _QuantizingMode(TorchFunctionMode):
         return self.owner.run(func, args, kwargs)
 
 
-def _attention(quantize: nn.ModuleList, args: tuple, kwargs: dict) -> Tensor:
+def _quantize_fn(quantizer: nn.Module):
+    """``x ↦ Q(x)``: the lean evaluation form when no gradient is needed (same values)."""
+    if torch.is_grad_enabled():
+        return lambda x: quantizer(x, 0)
+    return lambda x: quantizer.infer(x, 0)
+
+
+def _attention(quantize: list, args: tuple, kwargs: dict) -> Tensor:
     """``scaled_dot_product_attention`` written out, with its four operands quantized."""
     names = ("query", "key", "value", *SDPA_KEYWORDS)
     given = {**dict(zip(names, args, strict=False)), **kwargs}
@@ -106,7 +113,7 @@ def _attention(quantize: nn.ModuleList, args: tuple, kwargs: dict) -> Tensor:
         raise ValueError("quantized attention products do not support enable_gqa=True")
     q, k, v = given["query"], given["key"], given["value"]
     scale = given.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-    scores = quantize[0](q, 0) @ quantize[1](k, 0).transpose(-2, -1) * scale
+    scores = quantize[0](q) @ quantize[1](k).transpose(-2, -1) * scale
     mask = given.get("attn_mask")
     if given.get("is_causal"):
         L, S = scores.shape[-2:]
@@ -116,11 +123,11 @@ def _attention(quantize: nn.ModuleList, args: tuple, kwargs: dict) -> Tensor:
         scores = (
             scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         )
-    weights = quantize[2](scores.softmax(dim=-1), 0)
+    weights = quantize[2](scores.softmax(dim=-1))
     dropout = given.get("dropout_p", 0.0)
     if dropout:
         weights = F.dropout(weights, dropout, training=True)
-    return weights @ quantize[3](v, 0)
+    return weights @ quantize[3](v)
 
 
 def _begin(module: nn.Module, args: tuple) -> None:

@@ -13,6 +13,7 @@ order, and a ratio is the median over repeats of the per-repeat ratio.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from speed import calibrate, infer, interleaved, ratio, train_step
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         ("inference", lambda n: infer(models[n], x)),
     ):
         times = interleaved({n: (lambda n=n, job=job: job(n)) for n in models}, args.repeats)
-        ms = {n: 1e3 * sorted(t)[len(t) // 2] for n, t in times.items()}
+        ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
         r = ratio(times, "quantized products", "fp products")
         rows.append(
             f"{what:<14} {ms['fp products']:9.1f} ms {ms['quantized products']:9.1f} ms  {r:.2f}x"

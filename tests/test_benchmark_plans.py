@@ -201,3 +201,21 @@ def test_vit_plan_quantizes_the_products_of_every_quantized_run_when_asked(tmp_p
     assert [c.quant.product_bits for c in cfgs[1:]] == [8, 8, 8]
     assert {c.model.init for c in cfgs[1:]} == {plain[1]["model"]["init"]}  # the same fp start
     assert len({c.out for c in cfgs} | {r["out"] for r in plain[1:]}) == 7
+
+
+def test_product_speed_prints_both_timings_and_their_ratio(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # it imports speed.py beside it
+    spec = importlib.util.spec_from_file_location(
+        "product_speed", REPO / "benchmarks/product_speed.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--batch", "2", "--repeats", "1", "--threads", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if " ms " in line]
+    assert [r[0] for r in rows] == ["training", "inference"]
+    for row in rows:
+        fp_ms, quantized_ms, ratio = float(row[-5]), float(row[-3]), float(row[-1].rstrip("x"))
+        assert fp_ms > 0 and quantized_ms > 0
+        low = (quantized_ms - 0.05) / (fp_ms + 0.05) - 0.005  # times rounded to 0.1 ms, ratio 0.01
+        high = (quantized_ms + 0.05) / max(fp_ms - 0.05, 1e-9) + 0.005
+        assert low <= ratio <= high

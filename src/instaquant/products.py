@@ -21,10 +21,13 @@ class ProductInfo:
 
     name: str  # the innermost module running them ("" for the model's own forward)
     macs: int
-    count: int = 1
     # Per call, in order: "matmul" or "sdpa", and whether each operand held negative values
     # (matmul: a, b; sdpa: query, key, attention weights (never), value).
     calls: list[tuple[str, tuple[bool, ...]]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
 
 
 def _matmul_macs(a: Tensor, out: Tensor) -> int:
@@ -36,14 +39,16 @@ def _sdpa_macs(q: Tensor, k: Tensor, v: Tensor) -> int:
     return heads_queries * k.shape[-2] * (q.shape[-1] + v.shape[-1])
 
 
+SDPA_OPERANDS = ("query", "key", "value")
+
+
 def _negative(t: Tensor) -> bool:
     return bool((t < 0).any())
 
 
 def sdpa_operands(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
     """query, key and value of a ``scaled_dot_product_attention`` call, however passed."""
-    names = ("query", "key", "value")
-    return tuple(args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
+    return tuple(args[i] if i < len(args) else kwargs[n] for i, n in enumerate(SDPA_OPERANDS))
 
 
 MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm}
@@ -103,7 +108,6 @@ class ProductCounter(TorchFunctionMode):
             self.found[name] = ProductInfo(name, macs, calls=[call])
         else:
             info.macs += macs
-            info.count += 1
             info.calls.append(call)
 
     @property

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..products import MATMULS, ProductInfo
+from ..products import MATMULS, SDPA_OPERANDS, ProductInfo
 from ..quant.methods import make_activation_quantizer
 
 SDPA_KEYWORDS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -107,12 +107,13 @@ def _quantize_fn(quantizer: nn.Module):
 
 def _attention(quantize: list, args: tuple, kwargs: dict) -> Tensor:
     """``scaled_dot_product_attention`` written out, with its four operands quantized."""
-    names = ("query", "key", "value", *SDPA_KEYWORDS)
+    names = (*SDPA_OPERANDS, *SDPA_KEYWORDS)
     given = {**dict(zip(names, args, strict=False)), **kwargs}
     if given.get("enable_gqa"):
         raise ValueError("quantized attention products do not support enable_gqa=True")
     q, k, v = given["query"], given["key"], given["value"]
-    scale = given.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+    scale = given.get("scale")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = quantize[0](q) @ quantize[1](k).transpose(-2, -1) * scale
     mask = given.get("attn_mask")
     if given.get("is_causal"):

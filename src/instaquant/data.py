@@ -11,7 +11,7 @@ import hashlib
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,6 +267,26 @@ def load_digits() -> tuple[TensorData, TensorData, DatasetInfo]:
 # Noise strength (standard deviation, images in 0..1) of each copy of a digit in
 # ``digits_noise``: the noisier, the closer to the decision boundary.
 DIGITS_NOISE = (0.0, 0.2, 0.4, 0.6)
+# Contrast (a factor on the pixel values) of each copy of a digit in ``digits_contrast``: the
+# fainter, the finer the activation steps that keep its strokes apart.
+DIGITS_CONTRAST = (1.0, 0.3, 0.1, 0.03)
+
+
+def _at_every_level(
+    name: str, levels: tuple[float, ...], alter: Callable[[Tensor, float, torch.Generator], Tensor]
+) -> tuple[TensorData, TensorData, DatasetInfo]:
+    """The digits once per level, ``alter(images, level, generator)`` making each copy; train
+    and test alike, the test split ordered by level (see :func:`level_of_test_images`)."""
+    train, test, info = load_digits()
+    gen = torch.Generator().manual_seed(2024)
+
+    def every_level(data: TensorData) -> TensorData:
+        copies = [alter(data.images, level, gen) for level in levels]
+        return TensorData(torch.cat(copies), data.labels.repeat(len(levels)))
+
+    train, test = every_level(train), every_level(test)
+    mean, std = float(train.images.mean()), float(train.images.std())
+    return train, test, DatasetInfo(name, 10, 1, 8, (mean,), (std,), info.classes)
 
 
 def load_digits_noise() -> tuple[TensorData, TensorData, DatasetInfo]:
@@ -277,26 +297,40 @@ def load_digits_noise() -> tuple[TensorData, TensorData, DatasetInfo]:
     clean, the last the noisiest), so test image ``i`` has strength
     ``DIGITS_NOISE[i * 4 // N]`` (see :func:`noise_of_test_images`).
     """
-    train, test, info = load_digits()
-    gen = torch.Generator().manual_seed(2024)
+    return _at_every_level(
+        "digits_noise",
+        DIGITS_NOISE,
+        lambda images, s, gen: images + s * torch.randn(images.shape, generator=gen),
+    )
 
-    def at_every_strength(data: TensorData) -> TensorData:
-        noisy = [
-            data.images + s * torch.randn(data.images.shape, generator=gen) for s in DIGITS_NOISE
-        ]
-        return TensorData(torch.cat(noisy), data.labels.repeat(len(DIGITS_NOISE)))
 
-    train, test = at_every_strength(train), at_every_strength(test)
-    mean, std = float(train.images.mean()), float(train.images.std())
-    info = DatasetInfo("digits_noise", 10, 1, 8, (mean,), (std,), info.classes)
-    return train, test, info
+def load_digits_contrast() -> tuple[TensorData, TensorData, DatasetInfo]:
+    """The digits at four contrasts (:data:`DIGITS_CONTRAST`), a task whose difficulty for a
+    quantized network is known by construction.
+
+    Every image appears once at each contrast (its pixel values times the factor), in train
+    and test alike, the test split ordered from the full-contrast quarter to the faintest. At
+    full precision every contrast is as easy as the next; quantized, a faint image's features
+    span fewer of the activation steps that the bright ones set, so it needs more bits.
+    """
+    return _at_every_level("digits_contrast", DIGITS_CONTRAST, lambda images, c, gen: c * images)
+
+
+# The known level of each test image of the datasets built by :func:`_at_every_level`.
+LEVELED_DATASETS = {"digits_noise": DIGITS_NOISE, "digits_contrast": DIGITS_CONTRAST}
+
+
+def level_of_test_images(name: str, n: int) -> Tensor:
+    """The known level (noise strength or contrast) of each of the ``n`` test images of
+    ``digits_noise`` or ``digits_contrast`` (loader order, without ``data.limit``)."""
+    levels = torch.tensor(LEVELED_DATASETS[name], dtype=torch.float64)
+    return levels.repeat_interleave(n // len(levels))
 
 
 def noise_of_test_images(n: int) -> Tensor:
     """The noise strength of each of the ``n`` test images of ``digits_noise`` (loader order,
     without ``data.limit``)."""
-    levels = torch.tensor(DIGITS_NOISE, dtype=torch.float64)
-    return levels.repeat_interleave(n // len(DIGITS_NOISE))
+    return level_of_test_images("digits_noise", n)
 
 
 def load_cifar(name: str, root: str, download: bool) -> tuple[TensorData, TensorData, DatasetInfo]:
@@ -544,6 +578,8 @@ def build_loaders(
             train, test, info = load_digits()
         elif cfg.name == "digits_noise":
             train, test, info = load_digits_noise()
+        elif cfg.name == "digits_contrast":
+            train, test, info = load_digits_contrast()
         else:
             train, test, info = load_cifar(cfg.name, cfg.root, cfg.download)
         train, test = train.subset(cfg.limit, seed=0), test.subset(cfg.limit, seed=1)
@@ -583,7 +619,7 @@ def describe(cfg: DataConfig, absent_classes: int | None = None) -> DatasetInfo:
         train_dir, _ = image_folder_splits(Path(cfg.root))
         classes = _class_names(train_dir)
         return _folder_info(cfg, classes, cfg.image_size or _native_size(train_dir))
-    if cfg.name in ("digits", "digits_noise"):
+    if cfg.name in ("digits", *LEVELED_DATASETS):
         info = DatasetInfo(cfg.name, 10, 1, 8, (0.0,), (1.0,), [])
     else:
         classes = 10 if cfg.name == "cifar10" else 100

@@ -219,3 +219,20 @@ def test_product_speed_prints_both_timings_and_their_ratio(monkeypatch, capsys):
         low = (quantized_ms - 0.05) / (fp_ms + 0.05) - 0.005  # times rounded to 0.1 ms, ratio 0.01
         high = (quantized_ms + 0.05) / max(fp_ms - 0.05, 1e-9) + 0.005
         assert low <= ratio <= high
+
+
+def test_digit_levers_combine_and_unknown_names_are_refused():
+    # The other tests here plan the CIFAR-10 reproduction; this one the digits levers.
+    path = REPO / "benchmarks" / "levers_digits.py"
+    spec = importlib.util.spec_from_file_location("levers_digits", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    both = script.lever("stats+distill_highest")
+    assert both == script.LEVERS["stats"] + script.LEVERS["distill_highest"]
+    assert script.lever("default") == []
+    for overrides in script.LEVERS.values():  # every lever is a valid DQ config
+        model = {"name": "digits_net", "init": "runs/fp"}
+        raw = {"model": model, "data": {"name": "digits_contrast"}}
+        config.from_dict(raw, [*script.QAT, "epochs=12", *script.DQ, *overrides])
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown lever 'stat'; allowed: "):
+        script.lever_name("stat+distill_highest")

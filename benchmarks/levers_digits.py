@@ -1,0 +1,152 @@
+"""Each DQ option on the digits at four noise strengths or four contrasts (tasks of known
+difficulty).
+
+From one full-precision model, static 2/3/4-bit and DQ {2,3,4} at the static 3-bit BitOPs
+train on the same schedule, once per seed; DQ once with today's defaults and once per option
+(:data:`LEVERS`; ``a+b`` for two together). Prints a table of means and spreads over the
+seeds: top-1, BitOPs (x static 3-bit), top-1 at each level, Spearman ρ of per-image BitOPs
+against the known level (noise strength or contrast), per-image BitOPs p90/p10, and the share
+of the oracle's gain the controller captures.
+
+    python benchmarks/levers_digits.py --seeds 0 1 2   # about 30 min on one CPU core
+    python benchmarks/levers_digits.py --data digits_contrast --fp-epochs 8 --qat-epochs 6 \
+        --levers default stats+distill_highest --seeds 0 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from instaquant import config as config_mod
+from instaquant.builder import load_for_eval
+from instaquant.data import LEVELED_DATASETS, level_of_test_images
+from instaquant.engine import fit
+from instaquant.evaluation import evaluate
+from instaquant.stats import spearman
+
+QAT = ["optim.lr=0.02", "optim.weight_decay=1e-4", "reference_bits=3"]
+DQ = [
+    "recipe=dynamic",
+    "quant.bits=[2,3,4]",
+    "quant.tau_final=0.2",
+    "budget.target_bits=3",
+    "budget.weight=2.0",
+]
+LEVERS: dict[str, list[str]] = {
+    "default": [],
+    "grid4": ["quant.controller_grid=4"],
+    "stats": ["quant.controller_stats=true"],
+    "candidate_bn": ["quant.candidate_bn=true"],
+    "distill_fp": ["distill.teacher=fp"],
+    "distill_highest": ["distill.teacher=highest"],
+    "warmup": ["quant.random_epochs=4"],
+    "controller_lr10": ["optim.controller_lr_scale=10"],
+}
+
+
+def lever(name: str) -> list[str]:
+    """The overrides of a lever, or of levers joined with ``+``; a clear error otherwise."""
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in LEVERS]
+    if unknown:
+        allowed = ", ".join(sorted(LEVERS))
+        raise argparse.ArgumentTypeError(f"unknown lever {unknown[0]!r}; allowed: {allowed}")
+    return [o for p in parts for o in LEVERS[p]]
+
+
+def lever_name(name: str) -> str:
+    lever(name)  # refused here, with the allowed names, before anything trains
+    return name
+
+
+def train(out: Path, data: str, name: str, overrides: list[str]) -> Path:
+    """Train (or reuse, when finished) one run; its folder."""
+    run = out / name
+    if not (run / "summary.json").exists():
+        raw = {
+            "name": name,
+            "out": str(run),
+            "model": {"name": "digits_net"},
+            "data": {"name": data, "batch_size": 64, "eval_batch_size": 512},
+        }
+        fit(config_mod.from_dict(raw, overrides), progress=False, overwrite=True)
+    return run
+
+
+def measure(run: Path, data: str) -> dict[str, Any]:
+    """Top-1 (overall and per level), BitOPs, ρ against the level and the headroom figures."""
+    entry = json.loads((run / "summary.json").read_text())["runs"][0]
+    row = {"top1": entry["top1"], "bitops_rel": entry["bitops_rel"]}
+    cfg, model, extra = load_for_eval(run / "last.pt")
+    per = evaluate(model, extra["test_loader"], cfg.ref_bits, per_sample=True).per_sample
+    right = (per["pred"] == per["label"]).double()
+    levels = level_of_test_images(data, right.numel())
+    for value in LEVELED_DATASETS[data]:
+        row[f"top1@{value:g}"] = 100 * float(right[levels == value].mean())
+    room = entry.get("headroom")
+    if room is not None:
+        row.update(
+            rho_level=spearman(per["bitops"].double(), levels),
+            p90_p10=room["bitops_p90_over_p10"],
+            captured=room["captured_share"],
+            monotone_top1=room["monotone_oracle_top1"],
+            monotone_bitops_rel=room["monotone_oracle_bitops_rel"],
+        )
+    return row
+
+
+def spread(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None and v == v]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", choices=sorted(LEVELED_DATASETS), default="digits_noise")
+    p.add_argument("--out", type=Path, help="default: runs/levers_<data>")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--levers", nargs="*", type=lever_name, help="default: each alone")
+    p.add_argument("--fp-epochs", type=int, default=15)
+    p.add_argument("--qat-epochs", type=int, default=12)
+    p.add_argument("--threads", type=int, default=1, help="small networks run best on one")
+    args = p.parse_args()
+    out = args.out or Path(f"runs/levers_{args.data}")
+    torch.set_num_threads(args.threads)
+    fp = train(out, args.data, "fp", ["recipe=fp", f"epochs={args.fp_epochs}", "optim.lr=0.1"])
+    qat = [*QAT, f"epochs={args.qat_epochs}", f"model.init={fp}"]
+    rows: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for bits in (2, 3, 4):
+            overrides = [*qat, "recipe=static", f"quant.bits=[{bits}]", f"seed={seed}"]
+            run = train(out, args.data, f"static{bits}_s{seed}", overrides)
+            rows.setdefault(f"static {bits}-bit", []).append(measure(run, args.data))
+        for name in args.levers or list(LEVERS):
+            overrides = [*qat, *DQ, f"seed={seed}", *lever(name)]
+            run = train(out, args.data, f"dq_{name}_s{seed}", overrides)
+            rows.setdefault(f"DQ {name}", []).append(measure(run, args.data))
+            print(f"seed {seed} {name}: {rows[f'DQ {name}'][-1]}", flush=True)
+    levels = [f"top1@{v:g}" for v in LEVELED_DATASETS[args.data]]
+    keys = ["top1", "bitops_rel", *levels, "rho_level", "p90_p10", "captured"]
+    lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, found in rows.items():
+        lines.append(
+            f"| {name} | " + " | ".join(spread([r.get(k) for r in found]) for k in keys) + " |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    (out / "levers.md").write_text(f"{args.data}, seeds {args.seeds}\n\n{table}\n")
+    (out / "levers.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

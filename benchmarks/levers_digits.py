@@ -82,7 +82,7 @@ def train(out: Path, data: str, name: str, overrides: list[str]) -> Path:
 def measure(run: Path, data: str) -> dict[str, Any]:
     """Top-1 (overall and per level), BitOPs, ρ against the level and the headroom figures."""
     entry = json.loads((run / "summary.json").read_text())["runs"][0]
-    row = {"top1": entry["top1"], "bitops_rel": entry["bitops_rel"]}
+    row = {"top1": entry["top1"], "bitops_rel": entry.get("bitops_rel")}
     cfg, model, extra = load_for_eval(run / "last.pt")
     per = evaluate(model, extra["test_loader"], cfg.ref_bits, per_sample=True).per_sample
     right = (per["pred"] == per["label"]).double()
@@ -124,7 +124,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     fp = train(out, args.data, "fp", ["recipe=fp", f"epochs={args.fp_epochs}", "optim.lr=0.1"])
     qat = [*QAT, f"epochs={args.qat_epochs}", f"model.init={fp}"]
-    rows: dict[str, list[dict]] = {}
+    rows: dict[str, list[dict]] = {"full precision": [measure(fp, args.data)]}
     for seed in args.seeds:
         for bits in (2, 3, 4):
             overrides = [*qat, "recipe=static", f"quant.bits=[{bits}]", f"seed={seed}"]

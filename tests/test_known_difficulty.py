@@ -137,18 +137,20 @@ def test_a_controller_blind_to_its_input_fails_the_check(fp_run, monkeypatch):
     assert not abs(rho) >= 0.3  # NaN (every image the same bits) or a weak correlation
 
 
-def test_demo_line_relates_bits_to_the_noise_strength(tmp_path):
-    from instaquant.demo import noise_line
+@pytest.mark.parametrize("dataset", ["digits_contrast", "digits_noise"])
+def test_demo_line_relates_bits_to_the_known_level(tmp_path, dataset):
+    from instaquant.demo import level_line
 
     path = tmp_path / "per_sample.csv"
-    # Two images per strength; BitOPs rise with the strength except for one tie.
+    # Two images per level; BitOPs rise with the level's index except for one tie.
     bitops = [4, 4, 4, 9, 9, 16, 16, 16]
     path.write_text("index,bitops\n" + "".join(f"{i},{b}\n" for i, b in enumerate(bitops)))
-    line = noise_line(path)
-    noise = noise_of_test_images(8)
-    rho = spearman(torch.tensor(bitops, dtype=torch.float64), noise)
-    assert f"ρ = {rho:+.3f}" in line and rho > 0.8
+    line = level_line(path, dataset)
+    known = level_of_test_images(dataset, 8)
+    rho = spearman(torch.tensor(bitops, dtype=torch.float64), known)
+    assert f"ρ = {rho:+.3f}" in line and abs(rho) > 0.8
     mean = sum(bitops) / 8
-    assert f"σ=0: {4 / mean:.3f}x" in line and f"σ=0.6: {16 / mean:.3f}x" in line
-    path.write_text("index,bitops\n0,4\n1,9\n2,16\n")  # a subset: no strengths to compare
-    assert "subset" in noise_line(path)
+    first, last = ("1", "0.03") if dataset == "digits_contrast" else ("σ=0", "σ=0.6")
+    assert f"{first}: {4 / mean:.3f}x" in line and f"{last}: {16 / mean:.3f}x" in line
+    path.write_text("index,bitops\n0,4\n1,9\n2,16\n")  # a subset: no levels to compare
+    assert "subset" in level_line(path, dataset)

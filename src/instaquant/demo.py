@@ -1,6 +1,6 @@
 """The embedded demo: full precision, static at each candidate, and DQ on the 8x8 digits at four
-noise strengths (``digits_noise``: each digit clean and with three levels of Gaussian noise, so
-how hard an image is is known by construction)."""
+contrasts (``digits_contrast``: each digit at full contrast and three times fainter, so how many
+bits an image needs is known by construction: a faint digit needs finer activation steps)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,20 @@ from typing import Any
 import torch
 
 from . import config as config_mod
-from .data import DIGITS_NOISE, noise_of_test_images
+from .data import LEVELED_DATASETS, level_of_test_images
 from .engine import fit, write_summary
 from .report import plot_accuracy_vs_bitops, report_headline, write_report
 from .stats import spearman
 
 CANDIDATES = [2, 3, 4]
 METHOD = "pact"
+DATASET = "digits_contrast"
+QAT_EPOCHS = 6  # static and DQ alike, from the same full-precision run
+# What a level of each leveled dataset is, and how a level is written.
+LEVEL_NAMES = {
+    "digits_noise": ("noise strength", "σ={:g}"),
+    "digits_contrast": ("contrast", "{:g}"),
+}
 
 
 def _base(out: Path, name: str) -> dict[str, Any]:
@@ -28,7 +35,7 @@ def _base(out: Path, name: str) -> dict[str, Any]:
         "seed": 0,
         "out": str(out / name),
         "model": {"name": "digits_net"},
-        "data": {"name": "digits_noise", "batch_size": 64, "eval_batch_size": 512},
+        "data": {"name": DATASET, "batch_size": 64, "eval_batch_size": 512},
     }
 
 
@@ -38,7 +45,7 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
     fp = {
         **_base(out, "fp"),
         "recipe": "fp",
-        "epochs": 15,
+        "epochs": 8,
         "optim": {"lr": 0.1, "schedule": "cosine"},
     }
     finetune = {"lr": 0.02, "schedule": "cosine", "weight_decay": 1e-4}
@@ -48,7 +55,7 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
             {
                 **_base(out, f"static{b}"),
                 "recipe": "static",
-                "epochs": 8,
+                "epochs": QAT_EPOCHS,
                 "reference_bits": middle,
                 "model": {"name": "digits_net", "init": str(out / "fp")},
                 "quant": {"method": METHOD, "bits": [b]},
@@ -62,12 +69,12 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
 def digits_dq_dict(out: Path) -> dict[str, Any]:
     """The demo's DQ run (configs/digits_demo.yaml holds the same settings): the controller
     also sees per-channel statistics of the tap, and the highest candidate teaches the others,
-    the two options that made bits follow the noise strength (docs/results.md)."""
+    the two options that made bits follow the known difficulty of the digits (docs/results.md)."""
     middle = CANDIDATES[len(CANDIDATES) // 2]
     return {
         **_base(out, "dq"),
         "recipe": "dynamic",
-        "epochs": 12,
+        "epochs": QAT_EPOCHS,
         "model": {"name": "digits_net", "init": str(out / "fp")},
         "quant": {
             "method": METHOD,
@@ -194,27 +201,32 @@ def run_demo(
     plot = plot_accuracy_vs_bitops(
         common_reference(entries)[0],
         out / "accuracy_vs_bitops.png",
-        "instaquant demo: 8x8 digits at four noise strengths",
+        "instaquant demo: 8x8 digits at four contrasts",
     )
     print()
     print(format_table(entries))
     report = write_report(out / "dq", fp_run=out / "fp", progress=progress)
     print(f"\nwall time {time.time() - t0:.0f} s; wrote {summary_path} and {plot}")
     print(f"DQ {report_headline(report)}")
-    print(noise_line(report["csv"]))
+    print(level_line(report["csv"], DATASET))
     return json.loads(summary_path.read_text())
 
 
-def noise_line(per_sample_csv: Path) -> str:
-    """How the DQ run's per-image BitOPs follow the known noise strength of each test image."""
+def level_line(per_sample_csv: Path, dataset: str) -> str:
+    """How the DQ run's per-image BitOPs follow the known level (noise strength or contrast) of
+    each test image of a leveled dataset (:data:`instaquant.data.LEVELED_DATASETS`)."""
     with open(per_sample_csv, newline="") as f:
         bitops = torch.tensor([float(r["bitops"]) for r in csv.DictReader(f)], dtype=torch.float64)
-    if bitops.numel() % len(DIGITS_NOISE):
-        return "(a subset of the test set: no noise strength per image to compare with)"
-    noise = noise_of_test_images(bitops.numel())
-    means = [float(bitops[noise == s].mean() / bitops.mean()) for s in DIGITS_NOISE]
-    per_level = ", ".join(f"σ={s:g}: {m:.3f}x" for s, m in zip(DIGITS_NOISE, means, strict=True))
+    levels = LEVELED_DATASETS[dataset]
+    what, written = LEVEL_NAMES[dataset]
+    if bitops.numel() % len(levels):
+        return f"(a subset of the test set: no {what} per image to compare with)"
+    known = level_of_test_images(dataset, bitops.numel())
+    means = [float(bitops[known == v].mean() / bitops.mean()) for v in levels]
+    per_level = ", ".join(
+        f"{written.format(v)}: {m:.3f}x" for v, m in zip(levels, means, strict=True)
+    )
     return (
-        f"DQ per-image BitOPs against the known noise strength: Spearman ρ = "
-        f"{spearman(bitops, noise):+.3f}; mean BitOPs per strength (x the mean): {per_level}"
+        f"DQ per-image BitOPs against the known {what}: Spearman ρ = "
+        f"{spearman(bitops, known):+.3f}; mean BitOPs per {what} (x the mean): {per_level}"
     )

@@ -16,15 +16,18 @@ of the oracle's gain the controller captures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
 from instaquant import config as config_mod
 from instaquant.builder import load_for_eval
+from instaquant.controller import BitController
 from instaquant.data import LEVELED_DATASETS, level_of_test_images
 from instaquant.engine import fit
 from instaquant.evaluation import evaluate
@@ -47,6 +50,9 @@ LEVERS: dict[str, list[str]] = {
     "distill_highest": ["distill.teacher=highest"],
     "warmup": ["quant.random_epochs=4"],
     "controller_lr10": ["optim.controller_lr_scale=10"],
+    # A control, not an option: the controller's input zeroed in training and evaluation, so
+    # that it cannot tell images apart (a per-layer mixed precision chosen by the budget).
+    "blind": [],
 }
 
 
@@ -58,6 +64,14 @@ def lever(name: str) -> list[str]:
         allowed = ", ".join(sorted(LEVERS))
         raise argparse.ArgumentTypeError(f"unknown lever {unknown[0]!r}; allowed: {allowed}")
     return [o for p in parts for o in LEVERS[p]]
+
+
+def controller_input(name: str) -> contextlib.AbstractContextManager:
+    """Zeroes the controller's input while a ``blind`` run trains and is measured."""
+    if "blind" not in name.split("+"):
+        return contextlib.nullcontext()
+    features = BitController.features
+    return mock.patch.object(BitController, "features", lambda c, tap: 0 * features(c, tap))
 
 
 def lever_name(name: str) -> str:
@@ -101,6 +115,18 @@ def measure(run: Path, data: str) -> dict[str, Any]:
     return row
 
 
+def on_the_line(points: list[tuple[float, float]], bitops: float) -> float:
+    """The static line's top-1 at ``bitops``: straight between the neighbouring static points,
+    the nearest one's outside them."""
+    points = sorted(points)
+    if bitops <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if bitops <= x1:
+            return y0 + (y1 - y0) * (bitops - x0) / (x1 - x0)
+    return points[-1][1]
+
+
 def spread(values: list[float | None]) -> str:
     vals = [v for v in values if v is not None and v == v]
     if not vals:
@@ -126,17 +152,27 @@ def main() -> None:
     qat = [*QAT, f"epochs={args.qat_epochs}", f"model.init={fp}"]
     rows: dict[str, list[dict]] = {"full precision": [measure(fp, args.data)]}
     for seed in args.seeds:
+        line = []  # this seed's static points, (BitOPs, top-1)
         for bits in (2, 3, 4):
             overrides = [*qat, "recipe=static", f"quant.bits=[{bits}]", f"seed={seed}"]
             run = train(out, args.data, f"static{bits}_s{seed}", overrides)
             rows.setdefault(f"static {bits}-bit", []).append(measure(run, args.data))
+            line.append(
+                (
+                    rows[f"static {bits}-bit"][-1]["bitops_rel"],
+                    rows[f"static {bits}-bit"][-1]["top1"],
+                )
+            )
         for name in args.levers or list(LEVERS):
             overrides = [*qat, *DQ, f"seed={seed}", *lever(name)]
-            run = train(out, args.data, f"dq_{name}_s{seed}", overrides)
-            rows.setdefault(f"DQ {name}", []).append(measure(run, args.data))
-            print(f"seed {seed} {name}: {rows[f'DQ {name}'][-1]}", flush=True)
+            with controller_input(name):
+                run = train(out, args.data, f"dq_{name}_s{seed}", overrides)
+                row = measure(run, args.data)
+            row["vs_line"] = row["top1"] - on_the_line(line, row["bitops_rel"])
+            rows.setdefault(f"DQ {name}", []).append(row)
+            print(f"seed {seed} {name}: {row}", flush=True)
     levels = [f"top1@{v:g}" for v in LEVELED_DATASETS[args.data]]
-    keys = ["top1", "bitops_rel", *levels, "rho_level", "p90_p10", "captured"]
+    keys = ["top1", "bitops_rel", "vs_line", *levels, "rho_level", "p90_p10", "captured"]
     lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, found in rows.items():
         lines.append(

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from instaquant import config
 
@@ -236,3 +237,13 @@ def test_digit_levers_combine_and_unknown_names_are_refused():
         config.from_dict(raw, [*script.QAT, "epochs=12", *script.DQ, *overrides])
     with pytest.raises(argparse.ArgumentTypeError, match="unknown lever 'stat'; allowed: "):
         script.lever_name("stat+distill_highest")
+    # The blind control zeroes the controller's input, and only while it is in force.
+    from instaquant.controller import BitController
+
+    controller = BitController(4, 3, 3)
+    tap = torch.randn(2, 4, 5, 5)
+    with script.controller_input("stats+blind"):
+        assert torch.equal(controller.features(tap), torch.zeros(2, 4))
+    with script.controller_input("stats"):
+        assert controller.features(tap).abs().sum() > 0
+    assert controller.features(tap).abs().sum() > 0

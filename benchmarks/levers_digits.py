@@ -143,12 +143,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--levers", nargs="*", type=lever_name, help="default: each alone")
     p.add_argument("--fp-epochs", type=int, default=15)
+    p.add_argument("--fp-seed", type=int, default=0, help="the full-precision start's seed")
     p.add_argument("--qat-epochs", type=int, default=12)
     p.add_argument("--threads", type=int, default=1, help="small networks run best on one")
     args = p.parse_args()
     out = args.out or Path(f"runs/levers_{args.data}")
     torch.set_num_threads(args.threads)
-    fp = train(out, args.data, "fp", ["recipe=fp", f"epochs={args.fp_epochs}", "optim.lr=0.1"])
+    fp_run = ["recipe=fp", f"epochs={args.fp_epochs}", "optim.lr=0.1", f"seed={args.fp_seed}"]
+    fp = train(out, args.data, "fp", fp_run)
     qat = [*QAT, f"epochs={args.qat_epochs}", f"model.init={fp}"]
     rows: dict[str, list[dict]] = {"full precision": [measure(fp, args.data)]}
     for seed in args.seeds:

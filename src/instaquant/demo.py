@@ -1,6 +1,6 @@
 """The embedded demo: full precision, static at each candidate, and DQ on the 8x8 digits at four
-contrasts (``digits_contrast``: each digit at full contrast and three times fainter, so how many
-bits an image needs is known by construction: a faint digit needs finer activation steps)."""
+noise strengths (``digits_noise``: each digit clean and with three levels of Gaussian noise, so
+how hard an image is is known by construction)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from .stats import spearman
 
 CANDIDATES = [2, 3, 4]
 METHOD = "pact"
-DATASET = "digits_contrast"
-QAT_EPOCHS = 6  # static and DQ alike, from the same full-precision run
+DATASET = "digits_noise"
 # What a level of each leveled dataset is, and how a level is written.
 LEVEL_NAMES = {
     "digits_noise": ("noise strength", "σ={:g}"),
@@ -45,7 +44,7 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
     fp = {
         **_base(out, "fp"),
         "recipe": "fp",
-        "epochs": 8,
+        "epochs": 15,
         "optim": {"lr": 0.1, "schedule": "cosine"},
     }
     finetune = {"lr": 0.02, "schedule": "cosine", "weight_decay": 1e-4}
@@ -55,7 +54,7 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
             {
                 **_base(out, f"static{b}"),
                 "recipe": "static",
-                "epochs": QAT_EPOCHS,
+                "epochs": 8,
                 "reference_bits": middle,
                 "model": {"name": "digits_net", "init": str(out / "fp")},
                 "quant": {"method": METHOD, "bits": [b]},
@@ -69,12 +68,12 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
 def digits_dq_dict(out: Path) -> dict[str, Any]:
     """The demo's DQ run (configs/digits_demo.yaml holds the same settings): the controller
     also sees per-channel statistics of the tap, and the highest candidate teaches the others,
-    the two options that made bits follow the known difficulty of the digits (docs/results.md)."""
+    the two options that made bits follow the noise strength (docs/results.md)."""
     middle = CANDIDATES[len(CANDIDATES) // 2]
     return {
         **_base(out, "dq"),
         "recipe": "dynamic",
-        "epochs": QAT_EPOCHS,
+        "epochs": 12,
         "model": {"name": "digits_net", "init": str(out / "fp")},
         "quant": {
             "method": METHOD,
@@ -201,7 +200,7 @@ def run_demo(
     plot = plot_accuracy_vs_bitops(
         common_reference(entries)[0],
         out / "accuracy_vs_bitops.png",
-        "instaquant demo: 8x8 digits at four contrasts",
+        "instaquant demo: 8x8 digits at four noise strengths",
     )
     print()
     print(format_table(entries))

@@ -31,7 +31,7 @@ from instaquant.controller import BitController
 from instaquant.data import LEVELED_DATASETS, level_of_test_images
 from instaquant.engine import fit
 from instaquant.evaluation import evaluate
-from instaquant.stats import spearman
+from instaquant.stats import line_at, spearman
 
 QAT = ["optim.lr=0.02", "optim.weight_decay=1e-4", "reference_bits=3"]
 DQ = [
@@ -115,18 +115,6 @@ def measure(run: Path, data: str) -> dict[str, Any]:
     return row
 
 
-def on_the_line(points: list[tuple[float, float]], bitops: float) -> float:
-    """The static line's top-1 at ``bitops``: straight between the neighbouring static points,
-    the nearest one's outside them."""
-    points = sorted(points)
-    if bitops <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
-        if bitops <= x1:
-            return y0 + (y1 - y0) * (bitops - x0) / (x1 - x0)
-    return points[-1][1]
-
-
 def spread(values: list[float | None]) -> str:
     vals = [v for v in values if v is not None and v == v]
     if not vals:
@@ -170,7 +158,7 @@ def main() -> None:
             with controller_input(name):
                 run = train(out, args.data, f"dq_{name}_s{seed}", overrides)
                 row = measure(run, args.data)
-            row["vs_line"] = row["top1"] - on_the_line(line, row["bitops_rel"])
+            row["vs_line"] = row["top1"] - line_at(line, row["bitops_rel"])
             rows.setdefault(f"DQ {name}", []).append(row)
             print(f"seed {seed} {name}: {row}", flush=True)
     levels = [f"top1@{v:g}" for v in LEVELED_DATASETS[args.data]]

@@ -147,3 +147,12 @@ def test_measure_headroom_refuses_a_static_model():
     qs = iq.static(iq.models.resnet20(), "pact", 4, torch.randn(1, 3, 16, 16))
     with pytest.raises(TypeError, match="DynamicQuantModel"):
         measure_headroom(qs, [], 4)
+
+
+def test_line_at_is_piecewise_linear_and_flat_beyond_its_ends():
+    from instaquant.stats import line_at
+
+    points = [(4.0, 80.0), (1.0, 60.0), (2.0, 70.0)]  # any order
+    assert line_at(points, 0.5) == 60.0 and line_at(points, 9.0) == 80.0
+    assert line_at(points, 1.5) == 65.0 and line_at(points, 3.0) == 75.0
+    assert line_at(points, 2.0) == 70.0

@@ -3,7 +3,7 @@
 A faint digit needs finer activation steps than a bright one. The controller must give images
 bits that depend on their contrast; a controller blind to its input cannot. Whether DQ also
 beats static quantization at equal BitOPs is measured in docs/results.md and not asserted
-here: over five full-precision starts the margin ranged from -0.49 to +0.55 points, so no
+here: over five full-precision starts the margin ranged from -0.49 to +0.56 points, so no
 threshold would hold on every machine's arithmetic.
 """
 

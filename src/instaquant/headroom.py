@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .convert import DynamicQuantModel
-from .stats import spearman
+from .stats import line_at, spearman
 
 
 @dataclass
@@ -83,15 +83,8 @@ class Headroom:
 
     def front(self, bitops: float) -> float:
         """Top-1 of the uniform candidates' line at ``bitops`` (flat beyond its ends)."""
-        xs = self.uniform_bitops.double().tolist()
-        ys = self.uniform_top1()
-        if bitops <= xs[0]:
-            return ys[0]
-        for i in range(1, len(xs)):
-            if bitops <= xs[i]:
-                t = (bitops - xs[i - 1]) / (xs[i] - xs[i - 1])
-                return ys[i - 1] + t * (ys[i] - ys[i - 1])
-        return ys[-1]
+        points = zip(self.uniform_bitops.double().tolist(), self.uniform_top1(), strict=True)
+        return line_at(list(points), bitops)
 
     def ranked(self, score: Tensor, bitops: float, pair: tuple[int, int]) -> float:
         """Top-1 when the images, easiest (lowest ``score``) first, run at candidate index

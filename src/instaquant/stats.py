@@ -42,3 +42,15 @@ def spearman(x: Tensor, y: Tensor) -> float:
     dx, dy = rx - rx.mean(), ry - ry.mean()
     denom = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
     return math.nan if denom == 0 else float((dx * dy).sum()) / denom
+
+
+def line_at(points: list[tuple[float, float]], x: float) -> float:
+    """The piecewise-linear line through ``points`` (x, y) at ``x``, flat beyond its ends: the
+    accuracy of a static or uniform line at a BitOPs level."""
+    points = sorted(points)
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x <= x1:
+            return y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+    return points[-1][1]

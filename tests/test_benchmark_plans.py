@@ -79,6 +79,11 @@ def test_learn_plan_starts_from_the_given_model_and_levers_change_one_thing(tmp_
             for key in values
             if values[key] != base[section][key]
         }
+        diff |= {
+            ("run", key)
+            for key, value in changed.items()
+            if key not in ("name", "out") and not isinstance(value, dict) and value != base[key]
+        }
         parts = raw["name"].removeprefix("pact_dq_budget3_").split("+")
         expected = {(s, k) for p in parts for s, kv in script.LEVERS[p].items() for k in kv}
         assert diff == expected, parts

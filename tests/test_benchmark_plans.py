@@ -252,3 +252,36 @@ def test_digit_levers_combine_and_unknown_names_are_refused():
     with script.controller_input("stats"):
         assert controller.features(tap).abs().sum() > 0
     assert controller.features(tap).abs().sum() > 0
+
+
+def test_per_layer_policy_gives_every_image_each_layers_most_frequent_choice(tmp_path):
+    path = REPO / "benchmarks" / "per_layer_policy.py"
+    spec = importlib.util.spec_from_file_location("per_layer_policy", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shares = [[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.0, 1.0, 0.0]]
+    assert script.majority_bits(shares, [2, 3, 4]) == [4, 2, 3]
+
+    from instaquant.engine import fit
+
+    tiny = ["data.name=digits", "data.limit=192", "data.batch_size=32", "model.name=digits_net"]
+    raw = {"name": "dq", "out": str(tmp_path / "dq")}
+    dq = ["recipe=dynamic", "quant.bits=[2,3,4]", "budget.target_bits=3", "epochs=1"]
+    fit(config.from_dict(raw, [*tiny, *dq]), progress=False)
+    row = script.measure(tmp_path / "dq")
+    # Every test image runs at the policy's bits: BitOPs those of one image, top-1 by hand.
+    from instaquant.builder import load_for_eval
+    from instaquant.data import build_loaders
+
+    cfg, model, _ = load_for_eval(tmp_path / "dq" / "best.pt", [])
+    _, test_loader, _ = build_loaders(cfg.data, cfg.seed, torch.device("cpu"))
+    model.eval()
+    right = total = 0
+    with torch.no_grad(), model.forced_bits(row["layer_policy_bits"]):
+        for x, y in test_loader:
+            right += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+            assert model.last.bitops.unique().numel() == 1
+        policy_bitops = float(model.last.bitops[0]) / model.static_bitops(cfg.ref_bits)
+    assert row["layer_policy"][0] == pytest.approx(100.0 * right / total)
+    assert row["layer_policy"][1] == pytest.approx(policy_bitops)

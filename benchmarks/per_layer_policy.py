@@ -7,7 +7,7 @@ mixed-precision network whose bits the controller chose). What the controller sc
 that fixed policy is what choosing per image buys; what the policy scores above the uniform
 candidates' line is what choosing per layer buys.
 
-    python benchmarks/per_layer_policy.py runs/learn/pact_dq_budget3 runs/learn/pact_dq_budget3_candidate_bn
+    python benchmarks/per_layer_policy.py runs/reproduce_cifar10/pact_dq_budget*
 """
 
 from __future__ import annotations

@@ -76,7 +76,11 @@ def plot_accuracy_vs_bitops(
     precision as a horizontal line; a dotted step line marks the Pareto front of all
     quantized points. ``highlight`` circles the run of that name.
     """
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    dynamic = [r for r in runs if r["recipe"] == "dynamic"]
+    # Past a few DQ runs the legend would hide points: it goes below the axes instead.
+    below = len(dynamic) > 4
+    height = 4.6 + (0.2 * (len(dynamic) + 3) if below else 0)
+    fig, ax = plt.subplots(figsize=(6.4, height), dpi=120)
     by_method: dict[str, list[dict]] = {}
     for run in runs:
         if run["recipe"] != "fp" and run.get("bitops_rel") is None:
@@ -102,10 +106,9 @@ def plot_accuracy_vs_bitops(
                 xytext=(4, -10),
                 fontsize=8,
             )
-    dynamic = [r for r in runs if r["recipe"] == "dynamic"]
     for i, run in enumerate(dynamic):
         name = f" ({run['name']})" if len(dynamic) > 1 else ""
-        marker = "*PXDv^"[i % 6]  # several DQ runs of one method share a colour
+        marker = "*PXDv^ps<>h"[i % 11]  # several DQ runs of one method share a colour
         ax.plot(
             run["bitops_rel"],
             run["top1"],
@@ -138,7 +141,10 @@ def plot_accuracy_vs_bitops(
     ax.set_title(title or "Accuracy vs compute")
     ax.margins(x=0.08)  # room for the bit-width labels beside the end points
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if below:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    else:
+        ax.legend(fontsize=8, loc="best")
     _footnote(fig)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return _save(fig, path)

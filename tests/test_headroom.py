@@ -141,6 +141,19 @@ def test_measure_headroom_matches_forced_evaluations():
         "fp_loss",
         "cheapest_confidence",
     }
+    # The layer policy: every image at each layer's most frequent choice of the controller.
+    shares = torch.tensor(evaluate(model, loader, 4).metrics["candidate_fraction"])
+    majority = [(3, 4, 5)[int(k)] for k in shares.argmax(1)]
+    assert room.policy_bits == [majority, majority]
+    with model.forced_bits(majority):
+        policy = evaluate(model, loader, 4, per_sample=True).per_sample
+    torch.testing.assert_close(room.policy_right, policy["pred"] == policy["label"])
+    s = room.summary()
+    assert s["layer_policy_top1"] == pytest.approx(100 * float(room.policy_right.double().mean()))
+    assert s["layer_policy_bitops_rel"] == pytest.approx(
+        float(policy["bitops"][0]) / room.ref_bitops
+    )
+    assert s["layer_policy_front_top1"] == pytest.approx(room.front(float(policy["bitops"][0])))
 
 
 def test_measure_headroom_refuses_a_static_model():

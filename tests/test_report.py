@@ -497,7 +497,8 @@ def test_dq_report_gives_the_headroom_and_summary_agrees(runs):
     room = data["headroom"]
     # The report measures last.pt as training's end did: the same figures as summary.json.
     recorded = json.loads((out / "dq" / "summary.json").read_text())["runs"][0]["headroom"]
-    for key in ("uniform_top1", "oracle_top1", "monotone_oracle_top1", "controller_top1"):
+    keys = ("uniform_top1", "oracle_top1", "monotone_oracle_top1", "controller_top1")
+    for key in (*keys, "layer_policy_top1", "layer_policy_bitops_rel"):
         assert room[key] == pytest.approx(recorded[key]), key
     assert room["controller_top1"] == pytest.approx(data["metrics"]["top1"])
     assert room["oracle_top1"] >= max(room["uniform_top1"]) >= room["monotone_oracle_top1"] - 1e-9
@@ -509,6 +510,7 @@ def test_dq_report_gives_the_headroom_and_summary_agrees(runs):
     assert room["rho_fp_loss"] == pytest.approx(expected, abs=1e-6) or math.isnan(expected)
     md = paths["md"].read_text()
     assert "## How much could per-image bits buy?" in md and "monotone oracle" in md
+    assert f"| {room['layer_policy_top1']:.2f} | {room['layer_policy_bitops_rel']:.3f}x |" in md
     assert set(room["ranked_top1"]) == {"monotone_oracle", "fp_loss", "cheapest_confidence"}
     assert room["ranked_top1"]["fp_loss"] == recorded["ranked_top1"]["fp_loss"]
     fp_rank = room["ranked_top1"]["fp_loss"]

@@ -14,6 +14,10 @@ correctly:
 - *front*: the uniform candidates' (BitOPs, top-1) points joined by straight lines; a
   model's gain is its top-1 minus the front's at its BitOPs. The controller's captured share
   is its gain over the oracle's.
+- *layer policy*: every image at each layer's most frequent choice of the controller (a
+  static mixed-precision network whose bits the controller chose). The controller's gain
+  over it is what choosing per image buys; its gain over the front, what choosing per layer
+  buys.
 - *ranked allocations*: the images sorted by a difficulty score and split, easiest first,
   between the two uniform candidates around a BitOPs level so that the mean meets it. With
   the full-precision model's loss or the cheapest candidate's confidence as the score, it is
@@ -48,6 +52,9 @@ class Headroom:
     controller_bitops: Tensor  # [N] float64
     fp_loss: Tensor | None = None  # [N] the full-precision model's loss, when one was given
     confidence: Tensor | None = None  # [N, K] top softmax probability at each candidate
+    policy_bits: list[list[int]] | None = None  # the layer policy: [bits_w, bits_a] per layer
+    policy_right: Tensor | None = None  # [N] bool: the layer policy classifies image n
+    policy_bitops: float | None = None  # BitOPs of one image under the layer policy
 
     @property
     def n(self) -> int:
@@ -169,6 +176,11 @@ class Headroom:
         }
         if self.fp_loss is not None:
             out["rho_fp_loss"] = _finite(spearman(self.controller_bitops, self.fp_loss))
+        if self.policy_right is not None and self.policy_bitops is not None:
+            out["layer_policy_bits"] = self.policy_bits
+            out["layer_policy_top1"] = 100.0 * float(self.policy_right.double().mean())
+            out["layer_policy_bitops_rel"] = self.policy_bitops / ref
+            out["layer_policy_front_top1"] = self.front(self.policy_bitops)
         return out
 
 
@@ -200,10 +212,15 @@ def measure_headroom(
     fp_loss: list[Tensor] = []
     confidence: list[Tensor] = []
     uniform = torch.zeros(K, dtype=torch.float64)
+    choices: Tensor | None = None  # [L, K] (or [L, 2, K]) choice counts of the controller
+    policy_right: list[Tensor] = []
+    policy_bitops = None
     try:
         for x, y in tqdm(loader, desc="headroom", leave=False, disable=None if progress else True):
             ctrl_right.append((model(x).argmax(1) == y).cpu())
             ctrl_bitops.append(model.last.bitops.double().cpu())
+            sel = model.last.selection.sum(0).double().cpu()
+            choices = sel if choices is None else choices + sel
             per_candidate, top_prob = [], []
             for k, b in enumerate(model.spec.bits):
                 with model.forced_bits([b] * L):
@@ -216,6 +233,12 @@ def measure_headroom(
             if fp_model is not None:
                 loss = torch.nn.functional.cross_entropy(fp_model(x), y, reduction="none")
                 fp_loss.append(loss.double().cpu())
+        policy = None if choices is None else _majority(choices, model.spec.bits)
+        if policy is not None:
+            with model.forced_bits(*policy):  # a second pass: the policy needs every choice
+                for x, y in loader:
+                    policy_right.append((model(x).argmax(1) == y).cpu())
+                    policy_bitops = float(model.last.bitops[0])
     finally:
         model.train(was_training)
         if fp_model is not None:
@@ -229,4 +252,15 @@ def measure_headroom(
         controller_bitops=torch.cat(ctrl_bitops),
         fp_loss=torch.cat(fp_loss) if fp_loss else None,
         confidence=torch.cat(confidence),
+        policy_bits=None if policy is None else [list(bits) for bits in policy],
+        policy_right=torch.cat(policy_right) if policy_right else None,
+        policy_bitops=policy_bitops,
     )
+
+
+def _majority(choices: Tensor, bits: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """Each layer's most frequent candidate, as (weight bits, activation bits) per layer."""
+    top = choices.argmax(-1)  # [L] or [L, 2]
+    if top.dim() == 1:
+        top = torch.stack([top, top], 1)
+    return [bits[int(i)] for i in top[:, 0]], [bits[int(i)] for i in top[:, 1]]

@@ -762,6 +762,14 @@ def _headroom_section(doc: _Doc, a: Analysis, room: dict) -> None:
     rows.append(
         ["controller", f"{room['controller_top1']:.2f}", f"{room['controller_bitops_rel']:.3f}x"]
     )
+    if "layer_policy_top1" in room:  # summaries written before it have no layer policy
+        rows.append(
+            [
+                "layer policy: every image at each layer's most frequent choice",
+                f"{room['layer_policy_top1']:.2f}",
+                f"{room['layer_policy_bitops_rel']:.3f}x",
+            ]
+        )
     rows.append(["oracle", f"{room['oracle_top1']:.2f}", f"{room['oracle_bitops_rel']:.3f}x"])
     rows.append(
         [

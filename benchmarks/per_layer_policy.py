@@ -21,12 +21,14 @@ import torch
 from instaquant.builder import load_for_eval
 from instaquant.data import build_loaders
 from instaquant.evaluation import evaluate
+from instaquant.headroom import majority_policy
 from instaquant.stats import line_at
 
 
 def majority_bits(fraction: list[list[float]], candidates: list[int]) -> list[int]:
-    """Each dynamic layer's most frequent candidate, from ``[layers][K]`` choice shares."""
-    return [candidates[max(range(len(row)), key=row.__getitem__)] for row in fraction]
+    """Each dynamic layer's most frequent candidate, from ``[layers][K]`` choice shares (the
+    layer policy that ``instaquant.headroom`` measures for runs trained since it does)."""
+    return majority_policy(torch.tensor(fraction), tuple(candidates))[0]
 
 
 def measure(run: Path) -> dict:

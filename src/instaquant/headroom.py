@@ -219,8 +219,9 @@ def measure_headroom(
         for x, y in tqdm(loader, desc="headroom", leave=False, disable=None if progress else True):
             ctrl_right.append((model(x).argmax(1) == y).cpu())
             ctrl_bitops.append(model.last.bitops.double().cpu())
-            sel = model.last.selection.sum(0).double().cpu()
-            choices = sel if choices is None else choices + sel
+            if model.last.selection is not None:
+                sel = model.last.selection.sum(0).double().cpu()
+                choices = sel if choices is None else choices + sel
             per_candidate, top_prob = [], []
             for k, b in enumerate(model.spec.bits):
                 with model.forced_bits([b] * L):
@@ -233,7 +234,7 @@ def measure_headroom(
             if fp_model is not None:
                 loss = torch.nn.functional.cross_entropy(fp_model(x), y, reduction="none")
                 fp_loss.append(loss.double().cpu())
-        policy = None if choices is None else _majority(choices, model.spec.bits)
+        policy = None if choices is None else majority_policy(choices, model.spec.bits)
         if policy is not None:
             with model.forced_bits(*policy):  # a second pass: the policy needs every choice
                 for x, y in loader:
@@ -258,8 +259,9 @@ def measure_headroom(
     )
 
 
-def _majority(choices: Tensor, bits: tuple[int, ...]) -> tuple[list[int], list[int]]:
-    """Each layer's most frequent candidate, as (weight bits, activation bits) per layer."""
+def majority_policy(choices: Tensor, bits: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """Each layer's most frequent candidate, as (weight bits, activation bits) per layer, from
+    choice counts or shares ``[L, K]`` (or ``[L, 2, K]`` with separate weight/activation bits)."""
     top = choices.argmax(-1)  # [L] or [L, 2]
     if top.dim() == 1:
         top = torch.stack([top, top], 1)

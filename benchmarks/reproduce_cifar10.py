@@ -63,7 +63,8 @@ FIRST_STATIC, LAST_STATIC = (3, 4), (2, 5)
 # One DQ option each, at the 3-bit budget (candidates 2, 3, 4), for --levers, as config
 # sections ("run": top-level keys). ``budget070`` instead moves the budget to 0.70x static
 # 4-bit's BitOPs (3.35² / 4²), so that a run landing a few percent above its budget (as the
-# 3-bit ones do) stays within 0.75x; ``seed1`` repeats a run with another QAT seed.
+# 3-bit ones do) stays within 0.75x; ``seed1`` repeats a run with another QAT seed; ``rank``
+# ranks the images' expected BitOPs by how much bits lower their loss (budget.rank_weight).
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "grid4": {"quant": {"controller_grid": 4}},
     "stats": {"quant": {"controller_stats": True}},
@@ -74,6 +75,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "controller_lr10": {"optim": {"controller_lr_scale": 10.0}},
     "budget070": {"budget": {"target_bits": 3.35}},
     "seed1": {"run": {"seed": 1}},
+    "rank": {"budget": {"rank_weight": 1.0}},
 }
 
 
@@ -255,6 +257,11 @@ def machine_results(entries: list[dict]) -> list[dict]:
                 uniform_top1=room["uniform_top1"],
                 uniform_bitops_rel=room["uniform_bitops_rel"],
             )
+            if "layer_policy_top1" in room:  # runs measured before it was recorded lack it
+                row.update(
+                    layer_policy_top1=room["layer_policy_top1"],
+                    layer_policy_bitops_rel=room["layer_policy_bitops_rel"],
+                )
         rows.append(row)
     return rows
 

@@ -183,6 +183,10 @@ def test_machine_results_and_tables_of_finished_runs_only(tmp_path, monkeypatch)
     assert "pact_static4" not in table and "90.00% at 0.400x" in table
     assert table.splitlines()[-1].endswith("| 81.25 (2+4) / 82.50 (3+4) |")
     assert rows[1]["ranked_top1"] == {"fp_loss": 81.25, "cheapest_confidence": 82.5}
+    assert "layer_policy_top1" not in rows[1]  # measured before the layer policy was recorded
+    room.update(layer_policy_top1=83.75, layer_policy_bitops_rel=0.56)
+    row = script.machine_results([dq])[0]
+    assert (row["layer_policy_top1"], row["layer_policy_bitops_rel"]) == (83.75, 0.56)
 
 
 def test_vit_plan_quantizes_the_products_of_every_quantized_run_when_asked(tmp_path):

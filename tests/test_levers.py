@@ -1,6 +1,7 @@
 """The options that aim to make per-image bits pay: controller input, random-choice warm-up,
 distillation (each checked on its own)."""
 
+import json
 import math
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from instaquant import config as C
 from instaquant.builder import epoch_progress
 from instaquant.controller import BitController
 from instaquant.cost import controller_cost
-from instaquant.engine import fit
+from instaquant.engine import _running_stats_kept, fit
 
 TINY = ["data.name=digits", "data.limit=128", "data.batch_size=32", "model.name=digits_net"]
 
@@ -204,3 +205,97 @@ def test_distillation_runs_change_training(tmp_path, fp_run, teacher):
     plain = run("plain")
     taught = run(teacher, f"distill.teacher={teacher}", "distill.weight=2.0")
     assert taught["top1"] != plain["top1"] or taught["bitops_rel"] != plain["bitops_rel"]
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+def test_rank_loss_closed_form_and_gradient():
+    cost = torch.tensor([3.0, 1.0, 2.0, 5.0], dtype=torch.float64, requires_grad=True)
+    gain = torch.tensor([0.1, -2.0, 7.0, 9.0], dtype=torch.float64)
+    ranks = torch.tensor([1.0, 0.0, 2.0, 3.0], dtype=torch.float64)  # of the gain
+    c, r = cost.detach() - cost.detach().mean(), ranks - ranks.mean()
+    pearson = (c * r).sum() / ((c * c).sum() * (r * r).sum()).sqrt()
+    loss = iq.rank_loss(cost, gain)
+    torch.testing.assert_close(loss, 1 - pearson, atol=1e-12, rtol=0)
+    loss.backward()
+    assert cost.grad[2] < 0  # the image ranked third by gain but second-cheapest should rise
+    ordered = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    assert float(iq.rank_loss(ordered, ordered * 100)) == pytest.approx(0.0, abs=1e-12)
+    assert float(iq.rank_loss(ordered, -ordered)) == pytest.approx(2.0, abs=1e-12)
+    flat = torch.ones(4, dtype=torch.float64, requires_grad=True)  # no spread: nothing to rank
+    zero = iq.rank_loss(flat, gain)
+    zero.backward()
+    assert float(zero) == 0.0 and float(flat.grad.abs().sum()) == 0.0
+    with pytest.raises(ValueError, match=r"\[B\]"):
+        iq.rank_loss(cost.detach(), gain[:3])
+
+
+def test_expected_bitops_matches_the_choice_when_certain_and_the_mean_when_uniform():
+    model = dynamic_resnet20(bias=torch.tensor([0.0, 0.0, 60.0], dtype=torch.float64)).train()
+    x = varied_images(3)
+    model(x)
+    torch.testing.assert_close(model.expected_bitops(), model.last.bitops, atol=1e-6, rtol=1e-12)
+    model.controller.fc2.bias.data.zero_()  # every candidate equally likely
+    model(x)
+    b = model.candidate_bits.double()
+    macs = model.dynamic_macs.double()
+    uniform = (macs * (b * b).mean()).sum() + model.static_part_bitops.double()
+    torch.testing.assert_close(model.expected_bitops(), uniform.expand(3), atol=1e-6, rtol=0)
+    model.expected_bitops().sum().backward()
+    assert model.controller.fc2.bias.grad.abs().sum() > 0  # smooth in the logits
+    with model.forced_bits([4] * len(model.dynamic_layers)):
+        model(x)
+    assert model.expected_bitops() is None  # no controller ran
+
+
+def test_ranking_run_reports_its_correlation_and_changes_training(tmp_path):
+    def run(weight):
+        cfg = C.from_dict(
+            {"name": f"rank{weight}", "out": str(tmp_path / f"r{weight}")},
+            [*TINY, "epochs=2", "quant.bits=[2,3,4]", "quant.random_epochs=1"]
+            + [f"budget.rank_weight={weight}"],
+        )
+        entry = fit(cfg, progress=False)
+        rows = (tmp_path / f"r{weight}" / "metrics.jsonl").read_text().splitlines()
+        return entry, [json.loads(r) for r in rows]
+
+    plain, ranked = run(0.0), run(2.0)
+    assert all("train_rank_corr" not in r for r in plain[1])
+    warm, joint = ranked[1]
+    assert "train_rank_corr" not in warm  # random choices: no controller to rank
+    assert -1.0 <= joint["train_rank_corr"] <= 1.0
+    assert (plain[0]["top1"], plain[0]["bitops_rel"]) != (
+        ranked[0]["top1"],
+        ranked[0]["bitops_rel"],
+    )
+
+
+def test_ranking_reuses_the_highest_candidates_forward_of_distillation(tmp_path):
+    cfg = C.from_dict(
+        {"name": "rank_taught", "out": str(tmp_path / "rt")},
+        [*TINY, "epochs=1", "quant.bits=[2,3,4]", "quant.candidate_bn=true"]
+        + ["distill.teacher=highest", "budget.rank_weight=1.0"],
+    )
+    fit(cfg, progress=False)
+    row = json.loads((tmp_path / "rt" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert -1.0 <= row["train_rank_corr"] <= 1.0
+
+
+def test_measuring_forwards_leave_batchnorm_statistics_alone():
+    model = dynamic_resnet20(candidate_bn=True).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    with torch.no_grad(), _running_stats_kept(model):
+        with model.forced_bits([3] * len(model.dynamic_layers)):
+            model(varied_images(4))
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    with torch.no_grad():
+        model(varied_images(4))  # an ordinary training forward does update them
+    assert not all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("override", ["budget.rank_weight=-1", "recipe=static"])
+def test_bad_rank_weight_is_a_one_line_error(override):
+    with pytest.raises(C.ConfigError, match="rank_weight"):
+        C.from_dict({}, ["budget.rank_weight=1", "quant.bits=[4]", override])

@@ -12,7 +12,7 @@ from .convert import (
 )
 from .cost import Budget
 from .export import export
-from .losses import distillation_loss
+from .losses import distillation_loss, rank_loss
 from .nn.layers import DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
 from .saving import load, save
 
@@ -36,6 +36,7 @@ __all__ = [
     "load",
     "models",
     "quant",
+    "rank_loss",
     "save",
     "static",
 ]

@@ -82,6 +82,9 @@ class BudgetConfig:
     target_bits: float | None = 4.0
     target_bitops: float | None = None
     weight: float = 1.0
+    # Weight of the ranking loss: images whose loss drops most from the lowest to the highest
+    # candidate should get the most expected BitOPs (see losses.rank_loss). 0: off.
+    rank_weight: float = 0.0
 
 
 DISTILL_TEACHERS = ("none", "fp", "highest")
@@ -327,6 +330,11 @@ def validate(cfg: Config) -> None:
                 "config keys 'distill.weight' (>= 0) and 'distill.temperature' (> 0): got "
                 f"{cfg.distill.weight} and {cfg.distill.temperature}"
             )
+    if cfg.budget.rank_weight < 0 or (cfg.budget.rank_weight > 0 and cfg.recipe != "dynamic"):
+        raise ConfigError(
+            f"config key 'budget.rank_weight': {cfg.budget.rank_weight} must be >= 0, and "
+            "needs recipe dynamic (candidates to rank) when above 0"
+        )
     if not 0 <= cfg.quant.random_epochs < cfg.epochs or (
         cfg.quant.random_epochs and cfg.recipe != "dynamic"
     ):

@@ -527,6 +527,23 @@ class DynamicQuantModel(QuantModel):
         bitops = (per_layer * macs).sum(-1) + self.static_part_bitops.to(sel.dtype)
         return ForwardRecord(bits_w, bits_a, bitops, sel, logits)
 
+    def expected_bitops(self) -> Tensor | None:
+        """Per-image BitOPs ``[B]`` the latest forward's controller expects: each layer's cost
+        averaged over ``softmax(logits / tau)``, the distribution training samples from. Unlike
+        ``last.bitops`` it is smooth in the logits; None when the controller did not run
+        (forced or random choices)."""
+        rec = self.last
+        if rec is None or rec.logits is None:
+            return None
+        probs = torch.softmax(rec.logits.to(cost_dtype(rec.logits.dtype)) / self.tau, dim=-1)
+        b = self.candidate_bits.to(probs.dtype)
+        if self.spec.separate:
+            per_layer = (probs[:, :, 0] * b).sum(-1) * (probs[:, :, 1] * b).sum(-1)
+        else:
+            per_layer = (probs * (b * b)).sum(-1)
+        macs = self.dynamic_macs.to(probs.dtype)
+        return (per_layer * macs).sum(-1) + self.static_part_bitops.to(probs.dtype)
+
     def set_temperature(self, tau: float) -> None:
         check_temperature(tau, "tau")
         self.tau = float(tau)

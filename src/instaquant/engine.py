@@ -8,7 +8,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .data import RANK_STRIDE, build_loaders
 from .distributed import DistContext
 from .evaluation import evaluate, reference_bitops
 from .headroom import measure_headroom
-from .losses import distillation_loss
+from .losses import distillation_loss, rank_loss
 from .quant.methods import InitFlags
 from .saving import describe
 
@@ -465,6 +466,21 @@ def _epoch_line(cfg: Config, epoch: int, m: dict[str, Any]) -> str:
     return line
 
 
+@contextmanager
+def _running_stats_kept(model: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics (and batch counts) restored on exit."""
+    kept = [
+        (buf, buf.clone())
+        for name, buf in model.named_buffers()
+        if name.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")
+    ]
+    try:
+        yield
+    finally:
+        for buf, value in kept:
+            buf.copy_(value)
+
+
 class _EpochLoop:
     """One training epoch: forward, CE (+ budget), backward, step; running statistics."""
 
@@ -487,8 +503,9 @@ class _EpochLoop:
         self.stopped_at: int | None = None
         self.stop_reason: str | None = None
         self.ref = reference_bitops(model, cfg.ref_bits)
-        # n, loss, correct, budget, bitops_rel, bits: summed over samples, reduced over ranks.
-        self.sums = torch.zeros(6, dtype=torch.float64)
+        # n, loss, correct, budget, bitops_rel, bits, rank correlation, ranked n: summed over
+        # samples, reduced over ranks.
+        self.sums = torch.zeros(8, dtype=torch.float64)
 
     def run(
         self,
@@ -560,35 +577,51 @@ class _EpochLoop:
                 torch.cuda.set_rng_state(state["rank_cuda_rng"][rank], self.ctx.device)
         # The sums over all ranks go to rank 0 alone: the epoch's final all_reduce adds them once.
         if "sums" in state and self.ctx.is_main:
-            self.sums.copy_(state["sums"])
+            sums = state["sums"]  # a checkpoint of an older version may hold fewer sums
+            self.sums[: sums.numel()] = sums
 
-    def _highest_forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits and CE of every dynamic layer at the highest candidate (the teacher of
-        ``distill.teacher=highest``, trained on the same batch)."""
+    def _forward_at(self, bits: int, x: Tensor) -> Tensor:
+        """Logits with every dynamic layer at ``bits``, through the unwrapped model: under DDP
+        the one backward of the summed loss still reduces every gradient once, through the
+        wrapper's own (controller) forward."""
         model = self.model
-        top = max(model.spec.bits)
-        # Through the unwrapped model: under DDP the one backward of the summed loss still
-        # reduces every gradient once, through the wrapper's own (controller) forward below.
-        with model.forced_bits([top] * len(model.dynamic_layers)):
-            logits = model(x)
-        return logits, F.cross_entropy(logits, y)
+        with model.forced_bits([bits] * len(model.dynamic_layers)):
+            return model(x)
 
-    def _distill(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """The teacher's logits (detached) and any loss of its own to add."""
+    def _distill(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The teacher's logits (detached), any loss of its own to add, and the per-image
+        CE at the highest candidate when that forward ran (``distill.teacher=highest``: the
+        highest candidate, trained on the same batch, teaches the others)."""
         teacher = self.cfg.distill.teacher
         if teacher == "fp":
             with torch.no_grad():
-                return self.teacher(x), None
+                return self.teacher(x), None, None
         if teacher == "highest":
-            logits, loss = self._highest_forward(x, y)
-            return logits.detach(), loss
-        return None, None
+            logits = self._forward_at(max(self.model.spec.bits), x)
+            per_image = F.cross_entropy(logits, y, reduction="none")
+            return logits.detach(), per_image.mean(), per_image.detach()
+        return None, None, None
+
+    def _measured_ce(self, x: Tensor, y: Tensor, bits: list[int]) -> list[Tensor]:
+        """Per-image CE with every dynamic layer at each of ``bits``, without gradient. These
+        forwards only measure: the BatchNorm running statistics are left as they were (and
+        restored before any forward that backpropagates, whose saved tensors they are)."""
+        with torch.no_grad(), _running_stats_kept(self.model):
+            return [F.cross_entropy(self._forward_at(b, x), y, reduction="none") for b in bits]
 
     def _step(self, x: Tensor, y: Tensor, i: int) -> None:
-        teacher_logits, teacher_loss = self._distill(x, y)
+        dynamic = isinstance(self.model, DynamicQuantModel)
+        ranking = dynamic and self.cfg.budget.rank_weight > 0
+        if ranking:  # the gain: per-image CE at the lowest candidate minus at the highest
+            lowest, highest = min(self.model.spec.bits), max(self.model.spec.bits)
+            reuse = self.cfg.distill.teacher == "highest"  # its forward gives the highest CE
+            measured = self._measured_ce(x, y, [lowest] if reuse else [lowest, highest])
+        teacher_logits, teacher_loss, ce_highest = self._distill(x, y)
+        gain = None
+        if ranking:
+            gain = measured[0] - (ce_highest if reuse else measured[1])
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
-        dynamic = isinstance(self.model, DynamicQuantModel)
         budget = self.model.budget_loss() if dynamic else None
         total = loss + budget if budget is not None else loss
         if teacher_logits is not None:
@@ -596,6 +629,10 @@ class _EpochLoop:
             total = total + d.weight * distillation_loss(logits, teacher_logits, d.temperature)
         if teacher_loss is not None:
             total = total + teacher_loss
+        expected = self.model.expected_bitops() if ranking else None
+        ranked = rank_loss(expected, gain) if expected is not None else None
+        if ranked is not None:  # None in the random-choice warm-up: no controller ran
+            total = total + self.cfg.budget.rank_weight * ranked
         if not torch.isfinite(total):
             what = (
                 "the input batch holds NaN or inf"
@@ -620,6 +657,9 @@ class _EpochLoop:
         if rec is not None:
             s[4] += float(rec.bitops.detach().mean()) / self.ref * b
             s[5] += float(((rec.bits_w + rec.bits_a) / 2).detach().mean()) * b
+        if ranked is not None:
+            s[6] += (1.0 - float(ranked.detach())) * b
+            s[7] += b
 
     def _postfix(self) -> dict[str, str]:
         s = self.sums
@@ -644,4 +684,6 @@ class _EpochLoop:
             stats.update(train_bitops_rel=float(s[4]) / n, train_bits_mean=float(s[5]) / n)
         if isinstance(self.model, DynamicQuantModel):
             stats.update(train_budget_loss=float(s[3]) / n, tau=self.model.tau)
+            if s[7] > 0:  # Pearson(expected BitOPs, rank of the gain) over the ranked batches
+                stats.update(train_rank_corr=float(s[6]) / float(s[7]))
         return stats

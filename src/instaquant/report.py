@@ -108,7 +108,7 @@ def plot_accuracy_vs_bitops(
             )
     for i, run in enumerate(dynamic):
         name = f" ({run['name']})" if len(dynamic) > 1 else ""
-        marker = "*PXDv^ps<>h"[i % 11]  # several DQ runs of one method share a colour
+        marker = "*PXDv^p<>hH8d"[i % 13]  # several DQ runs of one method share a colour
         ax.plot(
             run["bitops_rel"],
             run["top1"],

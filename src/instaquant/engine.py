@@ -598,8 +598,8 @@ class _EpochLoop:
                 return self.teacher(x), None, None
         if teacher == "highest":
             logits = self._forward_at(max(self.model.spec.bits), x)
-            per_image = F.cross_entropy(logits, y, reduction="none")
-            return logits.detach(), per_image.mean(), per_image.detach()
+            per_image = F.cross_entropy(logits.detach(), y, reduction="none")
+            return logits.detach(), F.cross_entropy(logits, y), per_image
         return None, None, None
 
     def _measured_ce(self, x: Tensor, y: Tensor, bits: list[int]) -> list[Tensor]:

@@ -515,17 +515,21 @@ class DynamicQuantModel(QuantModel):
         # At least float32, and by elementwise ops (which autocast leaves alone): BitOPs of
         # 1e8 and more are inf in float16 and coarse in bfloat16.
         sel = sel.to(cost_dtype(sel.dtype))
-        b = self.candidate_bits.to(sel.dtype)
+        bits_w, bits_a, bitops = self._cost_of(sel)
+        return ForwardRecord(bits_w, bits_a, bitops, sel, logits)
+
+    def _cost_of(self, dist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean weight and activation bits ``[B, L]`` and BitOPs ``[B]`` of choices given as a
+        distribution over the candidates (one-hot: the choice itself)."""
+        b = self.candidate_bits.to(dist.dtype)
         if self.spec.separate:
-            sel_w, sel_a = sel[:, :, 0], sel[:, :, 1]
-            bits_w, bits_a = (sel_w * b).sum(-1), (sel_a * b).sum(-1)
+            bits_w, bits_a = (dist[:, :, 0] * b).sum(-1), (dist[:, :, 1] * b).sum(-1)
             per_layer = bits_w * bits_a
         else:
-            bits_w = bits_a = (sel * b).sum(-1)
-            per_layer = (sel * (b * b)).sum(-1)  # linear in the one-hot: clean STE gradient
-        macs = self.dynamic_macs.to(sel.dtype)
-        bitops = (per_layer * macs).sum(-1) + self.static_part_bitops.to(sel.dtype)
-        return ForwardRecord(bits_w, bits_a, bitops, sel, logits)
+            bits_w = bits_a = (dist * b).sum(-1)
+            per_layer = (dist * (b * b)).sum(-1)  # linear in the one-hot: clean STE gradient
+        macs = self.dynamic_macs.to(dist.dtype)
+        return bits_w, bits_a, (per_layer * macs).sum(-1) + self.static_part_bitops.to(dist.dtype)
 
     def expected_bitops(self) -> Tensor | None:
         """Per-image BitOPs ``[B]`` the latest forward's controller expects: each layer's cost
@@ -536,13 +540,7 @@ class DynamicQuantModel(QuantModel):
         if rec is None or rec.logits is None:
             return None
         probs = torch.softmax(rec.logits.to(cost_dtype(rec.logits.dtype)) / self.tau, dim=-1)
-        b = self.candidate_bits.to(probs.dtype)
-        if self.spec.separate:
-            per_layer = (probs[:, :, 0] * b).sum(-1) * (probs[:, :, 1] * b).sum(-1)
-        else:
-            per_layer = (probs * (b * b)).sum(-1)
-        macs = self.dynamic_macs.to(probs.dtype)
-        return (per_layer * macs).sum(-1) + self.static_part_bitops.to(probs.dtype)
+        return self._cost_of(probs)[2]
 
     def set_temperature(self, tau: float) -> None:
         check_temperature(tau, "tau")

@@ -611,7 +611,9 @@ class _EpochLoop:
 
     def _step(self, x: Tensor, y: Tensor, i: int) -> None:
         dynamic = isinstance(self.model, DynamicQuantModel)
-        ranking = dynamic and self.cfg.budget.rank_weight > 0
+        # Not in the random-choice warm-up: no controller runs there to be ranked.
+        warm_up = self.epoch < self.cfg.quant.random_epochs
+        ranking = dynamic and self.cfg.budget.rank_weight > 0 and not warm_up
         if ranking:  # the gain: per-image CE at the lowest candidate minus at the highest
             lowest, highest = min(self.model.spec.bits), max(self.model.spec.bits)
             reuse = self.cfg.distill.teacher == "highest"  # its forward gives the highest CE
@@ -631,7 +633,7 @@ class _EpochLoop:
             total = total + teacher_loss
         expected = self.model.expected_bitops() if ranking else None
         ranked = rank_loss(expected, gain) if expected is not None else None
-        if ranked is not None:  # None in the random-choice warm-up: no controller ran
+        if ranked is not None:
             total = total + self.cfg.budget.rank_weight * ranked
         if not torch.isfinite(total):
             what = (

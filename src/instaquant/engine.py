@@ -292,9 +292,13 @@ def train_model(
     try:
         # Handlers first: a SIGTERM during set-up still ends in a resumable checkpoint.
         with _StopSignals() as stop:
-            return _train(
+            result = _train(
                 cfg, ctx, stop, resume, progress and ctx.is_main, overwrite, stop_after_epoch
             )
+        # Every rank done with its collectives before any closes its connections: a rank that
+        # left early could abort a peer still finishing its last reduction (gloo's SIGABRT).
+        ctx.barrier()
+        return result
     finally:
         distributed.teardown(ctx)
 

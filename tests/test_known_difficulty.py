@@ -13,8 +13,10 @@ import torch
 from instaquant import config as C
 from instaquant.builder import load_for_eval
 from instaquant.data import (
+    DIGITS_BLEND,
     DIGITS_CONTRAST,
     DIGITS_NOISE,
+    DIGITS_OVERLAY,
     build_loaders,
     level_of_test_images,
     noise_of_test_images,
@@ -105,6 +107,35 @@ def test_contrasts_are_laid_out_as_documented():
     assert levels == [c for c in DIGITS_CONTRAST for _ in range(per)]
 
 
+@pytest.mark.parametrize(
+    "name, levels, mix",
+    [
+        ("digits_blend", DIGITS_BLEND, lambda digit, other, w: w * digit + (1 - w) * other),
+        ("digits_overlay", DIGITS_OVERLAY, lambda digit, other, k: (digit + k * other) / (1 + k)),
+    ],
+)
+def test_covered_digits_are_laid_out_as_documented(name, levels, mix):
+    cfg = C.from_dict({"data": {**DATA, "name": name}})
+    train, test, info = build_loaders(cfg.data, 0, "cpu")
+    n, per = len(test.data), 1797 // 5
+    assert n == 4 * per and len(train.data) == 4 * (1797 - per) and info.name == name
+    images, labels = test.data.images.view(4, per, 1, 8, 8), test.data.labels[:per]
+    assert levels[0] in (0.0, 1.0)  # the first quarter: the digits alone
+    # Recover each image's partner from the second quarter, then check every level against it.
+    if name == "digits_blend":
+        other = (images[1] - levels[1] * images[0]) / (1 - levels[1])
+    else:
+        other = (images[1] * (1 + levels[1]) - images[0]) / levels[1]
+    for level, value in enumerate(levels):
+        assert torch.allclose(images[level], mix(images[0], other, value), atol=1e-5)
+        assert torch.equal(test.data.labels[level * per : (level + 1) * per], labels)
+    # Each partner is a test digit of another class: its nearest clean test digit is unlabelled
+    # by this image's label.
+    nearest = torch.cdist(other.flatten(1), images[0].flatten(1)).argmin(1)
+    assert bool((labels[nearest] != labels).all())
+    assert level_of_test_images(name, n).tolist() == [v for v in levels for _ in range(per)]
+
+
 def test_controller_bits_follow_the_known_difficulty(fp_run):
     _dq(fp_run, "dq", fp_run / "fp")
     rho = _bits_against_contrast(fp_run / "dq")  # measured: -0.81, fainter digits more bits
@@ -121,7 +152,7 @@ def test_a_controller_blind_to_its_input_fails_the_check(fp_run, monkeypatch):
     assert not abs(rho) >= 0.3  # NaN (every image the same bits) or a weak correlation
 
 
-@pytest.mark.parametrize("dataset", ["digits_contrast", "digits_noise"])
+@pytest.mark.parametrize("dataset", ["digits_contrast", "digits_noise", "digits_overlay"])
 def test_demo_line_relates_bits_to_the_known_level(tmp_path, dataset):
     from instaquant.demo import level_line
 
@@ -134,7 +165,11 @@ def test_demo_line_relates_bits_to_the_known_level(tmp_path, dataset):
     rho = spearman(torch.tensor(bitops, dtype=torch.float64), known)
     assert f"ρ = {rho:+.3f}" in line and abs(rho) > 0.8
     mean = sum(bitops) / 8
-    first, last = ("1", "0.03") if dataset == "digits_contrast" else ("σ=0", "σ=0.6")
+    first, last = {
+        "digits_contrast": ("1", "0.03"),
+        "digits_noise": ("σ=0", "σ=0.6"),
+        "digits_overlay": ("k=0", "k=4"),
+    }[dataset]
     assert f"{first}: {4 / mean:.3f}x" in line and f"{last}: {16 / mean:.3f}x" in line
     path.write_text("index,bitops\n0,4\n1,9\n2,16\n")  # a subset: no levels to compare
     assert "subset" in level_line(path, dataset)

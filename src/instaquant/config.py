@@ -21,7 +21,16 @@ from .errors import UserError
 RECIPES = ("fp", "static", "dynamic")
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
-DATASETS = ("digits", "digits_noise", "digits_contrast", "cifar10", "cifar100", "imagefolder")
+DATASETS = (
+    "digits",
+    "digits_noise",
+    "digits_contrast",
+    "digits_blend",
+    "digits_overlay",
+    "cifar10",
+    "cifar100",
+    "imagefolder",
+)
 # String keys documented as yes | no, which YAML 1.1 reads (unquoted) as booleans.
 YES_NO_KEYS = ("data.cache",)
 

@@ -270,18 +270,40 @@ DIGITS_NOISE = (0.0, 0.2, 0.4, 0.6)
 # Contrast (a factor on the pixel values) of each copy of a digit in ``digits_contrast``: the
 # fainter, the finer the activation steps that keep its strokes apart.
 DIGITS_CONTRAST = (1.0, 0.3, 0.1, 0.03)
+# Weight of the labelled digit in each copy of ``digits_blend`` (the rest is a digit of another
+# class): the closer to one half, the smaller the margin that quantization noise can flip.
+DIGITS_BLEND = (1.0, 0.8, 0.7, 0.6)
+# Brightness of the other-class digit laid over the labelled one in ``digits_overlay``,
+# relative to the labelled digit: the brighter, the finer the steps that keep the fainter
+# labelled strokes apart from the cover.
+DIGITS_OVERLAY = (0.0, 2.0, 3.0, 4.0)
+
+# Makes one copy of a split's images at a level: (images, level, generator, partners), where
+# partners holds, for each image, one of another class (None unless asked for).
+Alter = Callable[[Tensor, float, torch.Generator, "Tensor | None"], Tensor]
+
+
+def _of_another_class(labels: Tensor, gen: torch.Generator) -> Tensor:
+    """For each image, the index of a randomly drawn image of another class."""
+    partner = torch.randint(0, len(labels), (len(labels),), generator=gen)
+    while bool((same := labels[partner] == labels).any()):
+        partner[same] = torch.randint(0, len(labels), (int(same.sum()),), generator=gen)
+    return partner
 
 
 def _at_every_level(
-    name: str, levels: tuple[float, ...], alter: Callable[[Tensor, float, torch.Generator], Tensor]
+    name: str, levels: tuple[float, ...], alter: Alter, partners: bool = False
 ) -> tuple[TensorData, TensorData, DatasetInfo]:
-    """The digits once per level, ``alter(images, level, generator)`` making each copy; train
-    and test alike, the test split ordered by level (see :func:`level_of_test_images`)."""
+    """The digits once per level, ``alter(images, level, generator, partners)`` making each
+    copy; train and test alike, the test split ordered by level (see
+    :func:`level_of_test_images`). With ``partners``, each image is paired once per split with
+    an image of another class of the same split."""
     train, test, info = load_digits()
     gen = torch.Generator().manual_seed(2024)
 
     def every_level(data: TensorData) -> TensorData:
-        copies = [alter(data.images, level, gen) for level in levels]
+        other = data.images[_of_another_class(data.labels, gen)] if partners else None
+        copies = [alter(data.images, level, gen, other) for level in levels]
         return TensorData(torch.cat(copies), data.labels.repeat(len(levels)))
 
     train, test = every_level(train), every_level(test)
@@ -300,7 +322,7 @@ def load_digits_noise() -> tuple[TensorData, TensorData, DatasetInfo]:
     return _at_every_level(
         "digits_noise",
         DIGITS_NOISE,
-        lambda images, s, gen: images + s * torch.randn(images.shape, generator=gen),
+        lambda images, s, gen, _: images + s * torch.randn(images.shape, generator=gen),
     )
 
 
@@ -313,16 +335,46 @@ def load_digits_contrast() -> tuple[TensorData, TensorData, DatasetInfo]:
     full precision every contrast is as easy as the next; quantized, a faint image's features
     span fewer of the activation steps that the bright ones set, so it needs more bits.
     """
-    return _at_every_level("digits_contrast", DIGITS_CONTRAST, lambda images, c, gen: c * images)
+    return _at_every_level("digits_contrast", DIGITS_CONTRAST, lambda images, c, gen, _: c * images)
+
+
+def load_digits_blend() -> tuple[TensorData, TensorData, DatasetInfo]:
+    """Each digit blended with a digit of another class at four weights (:data:`DIGITS_BLEND`):
+    ``w * digit + (1 - w) * other``, labelled as the digit; the partner is drawn once per image
+    and split, the test split ordered from the unblended quarter to ``w = 0.6``."""
+    return _at_every_level(
+        "digits_blend",
+        DIGITS_BLEND,
+        lambda images, w, gen, other: w * images + (1 - w) * other,
+        partners=True,
+    )
+
+
+def load_digits_overlay() -> tuple[TensorData, TensorData, DatasetInfo]:
+    """Each digit under a brighter digit of another class (:data:`DIGITS_OVERLAY`):
+    ``(digit + k * other) / (1 + k)``, labelled as the fainter digit; the partner is drawn once
+    per image and split, the test split ordered from the uncovered quarter to ``k = 4``."""
+    return _at_every_level(
+        "digits_overlay",
+        DIGITS_OVERLAY,
+        lambda images, k, gen, other: (images + k * other) / (1 + k),
+        partners=True,
+    )
 
 
 # The known level of each test image of the datasets built by :func:`_at_every_level`.
-LEVELED_DATASETS = {"digits_noise": DIGITS_NOISE, "digits_contrast": DIGITS_CONTRAST}
+LEVELED_DATASETS = {
+    "digits_noise": DIGITS_NOISE,
+    "digits_contrast": DIGITS_CONTRAST,
+    "digits_blend": DIGITS_BLEND,
+    "digits_overlay": DIGITS_OVERLAY,
+}
 
 
 def level_of_test_images(name: str, n: int) -> Tensor:
-    """The known level (noise strength or contrast) of each of the ``n`` test images of
-    ``digits_noise`` or ``digits_contrast`` (loader order, without ``data.limit``)."""
+    """The known level (noise strength, contrast, blend weight or cover brightness) of each of
+    the ``n`` test images of a dataset of :data:`LEVELED_DATASETS` (loader order, without
+    ``data.limit``)."""
     levels = torch.tensor(LEVELED_DATASETS[name], dtype=torch.float64)
     return levels.repeat_interleave(n // len(levels))
 
@@ -580,6 +632,10 @@ def build_loaders(
             train, test, info = load_digits_noise()
         elif cfg.name == "digits_contrast":
             train, test, info = load_digits_contrast()
+        elif cfg.name == "digits_blend":
+            train, test, info = load_digits_blend()
+        elif cfg.name == "digits_overlay":
+            train, test, info = load_digits_overlay()
         else:
             train, test, info = load_cifar(cfg.name, cfg.root, cfg.download)
         train, test = train.subset(cfg.limit, seed=0), test.subset(cfg.limit, seed=1)

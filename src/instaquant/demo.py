@@ -25,6 +25,8 @@ DATASET = "digits_noise"
 LEVEL_NAMES = {
     "digits_noise": ("noise strength", "σ={:g}"),
     "digits_contrast": ("contrast", "{:g}"),
+    "digits_blend": ("weight of the labelled digit", "w={:g}"),
+    "digits_overlay": ("brightness of the cover", "k={:g}"),
 }
 
 
@@ -212,7 +214,7 @@ def run_demo(
 
 
 def level_line(per_sample_csv: Path, dataset: str) -> str:
-    """How the DQ run's per-image BitOPs follow the known level (noise strength or contrast) of
+    """How the DQ run's per-image BitOPs follow the known level (noise strength, contrast, ...) of
     each test image of a leveled dataset (:data:`instaquant.data.LEVELED_DATASETS`)."""
     with open(per_sample_csv, newline="") as f:
         bitops = torch.tensor([float(r["bitops"]) for r in csv.DictReader(f)], dtype=torch.float64)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import instaquant as iq
+from instaquant import distributed
 
 
 def make_image_folder(
@@ -95,6 +96,14 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def finishing(rank, worker, *args):
+    """Run a spawned rank's ``worker(rank, *args)``, then end the process as the
+    ``instaquant`` command ends a torchrun rank (without the interpreter's teardown, which the
+    process group DistributedDataParallel keeps alive can abort)."""
+    worker(rank, *args)
+    distributed.finish_process(0)
 
 
 def as_rank(rank, world, port):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import as_rank, free_port, make_image_folder
+from helpers import as_rank, finishing, free_port, make_image_folder
 from instaquant import config as C
 from instaquant import distributed, engine
 from instaquant.builder import build_model
@@ -48,7 +48,7 @@ def _join(rank, world, port):
 
 def _spawn(worker, *args, phases=1):
     ports = [free_port() for _ in range(phases)]
-    torch.multiprocessing.spawn(worker, args=(2, ports, *args), nprocs=2)
+    torch.multiprocessing.spawn(finishing, args=(worker, 2, ports, *args), nprocs=2)
 
 
 def _rows(out):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import as_rank, free_port
+from helpers import as_rank, finishing, free_port
 from instaquant import config as C
 from instaquant import distributed
 from instaquant.builder import load_for_eval
@@ -270,7 +270,8 @@ def _ddp_worker(rank, world, port, out, dump):
 def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     out, dump = tmp_path / "ddp", tmp_path / "dump"
     dump.mkdir()
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(out), str(dump)), nprocs=2)
+    args = (_ddp_worker, 2, free_port(), str(out), str(dump))
+    torch.multiprocessing.spawn(finishing, args=args, nprocs=2)
     a, b = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     _same_state(a, b)
     assert any(k.endswith("aq.step") for k in a), "LSQ steps are initialised from data"
@@ -280,6 +281,28 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     single = evaluate(model, extra["test_loader"], cfg.ref_bits).metrics
     assert rows[-1]["test_top1"] == single["top1"] and rows[-1]["test_samples"] == single["samples"]
     assert rows[-1]["test_bitops_mean"] == pytest.approx(single["bitops_mean"], rel=1e-12)
+
+
+class _ExitedError(Exception):
+    pass
+
+
+def test_a_torchrun_rank_ends_without_the_interpreter_teardown(monkeypatch):
+    from instaquant import cli
+
+    def exit_now(code):
+        raise _ExitedError(code)
+
+    monkeypatch.setattr(distributed.os, "_exit", exit_now)
+    monkeypatch.setattr(cli, "main", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as one_process:
+        cli.run()  # the usual exit, teardown included
+    assert one_process.value.code == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(_ExitedError) as rank:
+        cli.run()
+    assert rank.value.args == (2,)
 
 
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):

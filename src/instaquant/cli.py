@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .config import UserError
 
@@ -315,5 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """The ``instaquant`` command: :func:`main`'s exit status, ending a torchrun rank through
+    :func:`instaquant.distributed.finish_process`."""
+    from .distributed import finish_process, launched_distributed
+
+    code = main()
+    if launched_distributed():
+        finish_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

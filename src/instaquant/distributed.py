@@ -7,7 +7,9 @@ reductions are identities, so the trainer has one code path.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -88,3 +90,22 @@ def setup(device_name: str) -> DistContext:
 def teardown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launched_distributed() -> bool:
+    """Whether this process is one of several started by torchrun (``WORLD_SIZE`` above 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def finish_process(code: int) -> NoReturn:
+    """End a process that trained under DistributedDataParallel, skipping the interpreter's
+    teardown once its output is flushed.
+
+    DistributedDataParallel keeps the gloo process group, and its worker threads, alive past
+    ``destroy_process_group`` (PyTorch 2.x); tearing the interpreter down around those threads
+    occasionally aborts a rank with SIGABRT after a run that succeeded, which torchrun reports
+    as a failure. Everything the run writes is already on disk (written atomically).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -295,8 +295,8 @@ def train_model(
             result = _train(
                 cfg, ctx, stop, resume, progress and ctx.is_main, overwrite, stop_after_epoch
             )
-        # Every rank done with its collectives before any closes its connections: a rank that
-        # left early could abort a peer still finishing its last reduction (gloo's SIGABRT).
+        # Every rank done with its collectives before any closes its connections, so that no
+        # rank leaves while a peer still waits on its last reduction.
         ctx.barrier()
         return result
     finally:

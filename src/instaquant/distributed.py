@@ -65,7 +65,7 @@ class DistContext:
 
 def setup(device_name: str) -> DistContext:
     """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name.startswith("cuda") or (
@@ -92,9 +92,14 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def _world_size() -> int:
+    """The process count torchrun announces (``WORLD_SIZE``; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_distributed() -> bool:
-    """Whether this process is one of several started by torchrun (``WORLD_SIZE`` above 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is one of several started by torchrun."""
+    return _world_size() > 1
 
 
 def finish_process(code: int) -> NoReturn:
@@ -104,7 +109,9 @@ def finish_process(code: int) -> NoReturn:
     DistributedDataParallel keeps the gloo process group, and its worker threads, alive past
     ``destroy_process_group`` (PyTorch 2.x); tearing the interpreter down around those threads
     occasionally aborts a rank with SIGABRT after a run that succeeded, which torchrun reports
-    as a failure. Everything the run writes is already on disk (written atomically).
+    as a failure. Everything the run writes is already on disk (written atomically). The
+    ``instaquant`` command ends its ranks this way; a script of one's own that trains under
+    torchrun can end with ``finish_process(0)``.
     """
     sys.stdout.flush()
     sys.stderr.flush()

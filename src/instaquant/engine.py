@@ -292,13 +292,9 @@ def train_model(
     try:
         # Handlers first: a SIGTERM during set-up still ends in a resumable checkpoint.
         with _StopSignals() as stop:
-            result = _train(
+            return _train(
                 cfg, ctx, stop, resume, progress and ctx.is_main, overwrite, stop_after_epoch
             )
-        # Every rank done with its collectives before any closes its connections, so that no
-        # rank leaves while a peer still waits on its last reduction.
-        ctx.barrier()
-        return result
     finally:
         distributed.teardown(ctx)
 
@@ -592,19 +588,18 @@ class _EpochLoop:
         with model.forced_bits([bits] * len(model.dynamic_layers)):
             return model(x)
 
-    def _distill(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """The teacher's logits (detached), any loss of its own to add, and the per-image
-        CE at the highest candidate when that forward ran (``distill.teacher=highest``: the
-        highest candidate, trained on the same batch, teaches the others)."""
+    def _distill(self, x: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The teacher's logits (detached) and any loss of its own to add
+        (``distill.teacher=highest``: the highest candidate, trained on the same batch, teaches
+        the others)."""
         teacher = self.cfg.distill.teacher
         if teacher == "fp":
             with torch.no_grad():
-                return self.teacher(x), None, None
+                return self.teacher(x), None
         if teacher == "highest":
             logits = self._forward_at(max(self.model.spec.bits), x)
-            per_image = F.cross_entropy(logits.detach(), y, reduction="none")
-            return logits.detach(), F.cross_entropy(logits, y), per_image
-        return None, None, None
+            return logits.detach(), F.cross_entropy(logits, y)
+        return None, None
 
     def _measured_ce(self, x: Tensor, y: Tensor, bits: list[int]) -> list[Tensor]:
         """Per-image CE with every dynamic layer at each of ``bits``, without gradient. These
@@ -622,10 +617,13 @@ class _EpochLoop:
             lowest, highest = min(self.model.spec.bits), max(self.model.spec.bits)
             reuse = self.cfg.distill.teacher == "highest"  # its forward gives the highest CE
             measured = self._measured_ce(x, y, [lowest] if reuse else [lowest, highest])
-        teacher_logits, teacher_loss, ce_highest = self._distill(x, y)
+        teacher_logits, teacher_loss = self._distill(x, y)
         gain = None
         if ranking:
-            gain = measured[0] - (ce_highest if reuse else measured[1])
+            ce_highest = (
+                F.cross_entropy(teacher_logits, y, reduction="none") if reuse else measured[1]
+            )
+            gain = measured[0] - ce_highest
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
         budget = self.model.budget_loss() if dynamic else None

@@ -51,6 +51,7 @@ LEVERS: dict[str, list[str]] = {
     "warmup": ["quant.random_epochs=4"],
     "controller_lr10": ["optim.controller_lr_scale=10"],
     "rank": ["budget.rank_weight=1.0"],
+    "controller1": ["quant.controller_epochs=1"],
     # A control, not an option: the controller's input zeroed in training and evaluation, so
     # that it cannot tell images apart (a per-layer mixed precision chosen by the budget).
     "blind": [],

@@ -64,7 +64,8 @@ FIRST_STATIC, LAST_STATIC = (3, 4), (2, 5)
 # sections ("run": top-level keys). ``budget070`` instead moves the budget to 0.70x static
 # 4-bit's BitOPs (3.35² / 4²), so that a run landing a few percent above its budget (as the
 # 3-bit ones do) stays within 0.75x; ``seed1`` repeats a run with another QAT seed; ``rank``
-# ranks the images' expected BitOPs by how much bits lower their loss (budget.rank_weight).
+# ranks the images' expected BitOPs by how much bits lower their loss (budget.rank_weight);
+# ``controller1`` trains only the controller, on the frozen network, in the last epoch.
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "grid4": {"quant": {"controller_grid": 4}},
     "stats": {"quant": {"controller_stats": True}},
@@ -76,6 +77,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "budget070": {"budget": {"target_bits": 3.35}},
     "seed1": {"run": {"seed": 1}},
     "rank": {"budget": {"rank_weight": 1.0}},
+    "controller1": {"quant": {"controller_epochs": 1}},
 }
 
 

@@ -17,7 +17,7 @@ from instaquant import config as C
 from instaquant.builder import epoch_progress
 from instaquant.controller import BitController
 from instaquant.cost import controller_cost
-from instaquant.engine import _running_stats_kept, fit
+from instaquant.engine import _running_stats_kept, controller_only_lr_factor, fit, train_model
 
 TINY = ["data.name=digits", "data.limit=128", "data.batch_size=32", "model.name=digits_net"]
 
@@ -113,6 +113,51 @@ def test_warm_up_run_trains_and_measures(tmp_path):
     assert entry["headroom"]["controller_top1"] == pytest.approx(entry["top1"])
 
 
+def test_controller_only_epochs_follow_the_warm_up_and_leave_one_for_the_network():
+    C.from_dict({}, ["epochs=3", "quant.controller_epochs=2"])
+    C.from_dict({}, ["epochs=3", "quant.random_epochs=1", "quant.controller_epochs=2"])
+    with pytest.raises(C.ConfigError, match=r"controller_epochs': 2 must be in 0\.\.1"):
+        C.from_dict({}, ["epochs=3", "quant.random_epochs=2", "quant.controller_epochs=2"])
+    with pytest.raises(C.ConfigError, match="controller_epochs"):
+        C.from_dict(
+            {}, ["epochs=3", "recipe=static", "quant.bits=[4]", "quant.controller_epochs=1"]
+        )
+
+
+def test_the_controller_only_learning_rate_is_a_cosine_of_its_own():
+    cfg = C.from_dict({}, ["epochs=6", "quant.controller_epochs=2"])
+    factors = [controller_only_lr_factor(cfg, t) for t in (4.0, 5.0, 6.0)]
+    assert factors == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_controller_only_epochs_train_the_controller_and_nothing_else(tmp_path):
+    """The network's parameters and buffers (BatchNorm statistics per candidate, clips) end
+    the controller-only epoch exactly as the epoch before left them; the controller moves."""
+    cfg = C.from_dict(
+        {"name": "settle", "out": str(tmp_path / "settle")},
+        [
+            *TINY,
+            "epochs=2",
+            "quant.bits=[2,3,4]",
+            "budget.target_bits=3",
+            "quant.controller_epochs=1",
+        ]
+        + ["quant.candidate_bn=true", "distill.teacher=highest", "optim.lr=0.05"],
+    )
+    fit(cfg, progress=False, stop_after_epoch=1)
+    before = torch.load(tmp_path / "settle" / "last.pt", weights_only=False)["model"]
+    entry, model = train_model(cfg, resume=True, progress=False)
+    after = model.state_dict()
+    network = [k for k in before if not k.startswith("controller.")]
+    moved = [k for k in network if not torch.equal(before[k], after[k])]
+    assert network and moved == []
+    controller = [k for k in before if k.startswith("controller.") and "weight" in k]
+    assert any(not torch.equal(before[k], after[k]) for k in controller)
+    rows = [json.loads(line) for line in (tmp_path / "settle" / "metrics.jsonl").open()]
+    assert [r["controller_only"] for r in rows] == [False, True]
+    assert rows[1]["lr"] > 0 and "headroom" in entry
+
+
 def test_a_budget_that_never_binds_warns_once_with_its_numbers():
     with pytest.warns(UserWarning, match="never binds") as seen:
         iq.dynamic(iq.models.resnet20(), iq.DynamicSpec(bits=(2, 3, 4)), torch.randn(1, 3, 16, 16))
@@ -155,6 +200,8 @@ def test_the_core_imports_no_config_layer():
     "override, message",
     [
         ("quant.random_epochs=3", "random_epochs"),
+        ("quant.controller_epochs=3", "controller_epochs"),
+        ("quant.controller_epochs=-1", "controller_epochs"),
         ("distill.teacher=fp", "model.init"),
         ("distill.teacher=teacher", "distill.teacher"),
         ("distill.temperature=0", "distill.temperature"),

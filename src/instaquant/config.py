@@ -78,6 +78,7 @@ class QuantConfig:
     controller_stats: bool = False  # + per-channel std and gradient energy of the tap
     candidate_bn: bool = False  # one BatchNorm per candidate after each dynamic conv
     random_epochs: int = 0  # first epochs: random candidates per image, controller frozen
+    controller_epochs: int = 0  # last epochs: only the controller trains, network frozen
     tau: float = 1.0
     tau_final: float | None = None
     sample_in_eval: bool = False
@@ -350,6 +351,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'quant.random_epochs': {cfg.quant.random_epochs} must be in "
             f"0..epochs-1 ({cfg.epochs - 1}), and needs recipe dynamic when above 0"
+        )
+    # The controller-only epochs come last, after the random-choice warm-up, and the network
+    # trains in at least one epoch before them.
+    most = min(cfg.epochs - 1, cfg.epochs - cfg.quant.random_epochs)
+    if not 0 <= cfg.quant.controller_epochs <= most or (
+        cfg.quant.controller_epochs and cfg.recipe != "dynamic"
+    ):
+        raise ConfigError(
+            f"config key 'quant.controller_epochs': {cfg.quant.controller_epochs} must be in "
+            f"0..{most} (after quant.random_epochs, with the network trained in at least one "
+            "epoch), and needs recipe dynamic when above 0"
         )
     product_bits = cfg.quant.product_bits
     if product_bits is not None and (

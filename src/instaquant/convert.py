@@ -403,6 +403,17 @@ class DynamicQuantModel(QuantModel):
         the controller's choices."""
         self._random = bool(enabled)
 
+    def train_controller_only(self) -> DynamicQuantModel:
+        """Training mode for the controller alone: it samples its choices (Gumbel) and its own
+        norm follows the batch, while the network runs as in evaluation (BatchNorm on its
+        running statistics, LQ-Nets' bases fixed), so the controller learns the allocation of
+        the network that inference runs. The network's parameters still need freezing, by
+        the caller (``quant.controller_epochs`` gives them no learning rate)."""
+        self.train()
+        self.model.eval()
+        self.controller.train()  # in case the network holds it
+        return self
+
     def _on_tap(self, module: nn.Module, inputs: tuple, out: Tensor) -> None:
         if self._forced is not None:
             sel, logits = self._forced.to(out.dtype).expand(out.shape[0], *self._forced.shape), None

@@ -94,6 +94,26 @@ def _set_lr(opt: torch.optim.Optimizer, factor: float) -> float:
     return opt.param_groups[0]["lr"]
 
 
+def controller_only_lr_factor(cfg: Config, epoch_progress: float) -> float:
+    """Multiplier of the controller's base learning rate in the controller-only epochs
+    (``quant.controller_epochs``): a cosine of its own from 1 to 0 over them, since the main
+    schedule has all but run out there."""
+    n = cfg.quant.controller_epochs
+    t = min(max(epoch_progress - (cfg.epochs - n), 0.0), n)
+    return 0.5 * (1 + math.cos(math.pi * t / n))
+
+
+def _set_controller_only_lr(opt: torch.optim.Optimizer, factor: float) -> float:
+    """The controller's group at ``factor`` of its base rate, every other group at 0: SGD's
+    and AdamW's updates (momentum and weight decay included) then leave those weights as
+    they are."""
+    lr = 0.0
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor if g["name"] == "controller" else 0.0
+        lr = g["lr"] if g["name"] == "controller" else lr
+    return lr
+
+
 class _Writer:
     """metrics.jsonl, plus TensorBoard event files when tensorboard is installed (rank 0)."""
 
@@ -463,6 +483,8 @@ def _epoch_line(cfg: Config, epoch: int, m: dict[str, Any]) -> str:
             f"  bits {m['test_bits_mean']:.2f}  "
             f"BitOPs {m['test_bitops_rel']:.3f}x of {cfg.ref_bits}-bit"
         )
+    if m.get("controller_only"):
+        line += "  (controller only)"
     return line
 
 
@@ -503,6 +525,10 @@ class _EpochLoop:
         self.stopped_at: int | None = None
         self.stop_reason: str | None = None
         self.ref = reference_bitops(model, cfg.ref_bits)
+        # The last quant.controller_epochs: the network frozen, only the controller trains.
+        self.controller_only = isinstance(model, DynamicQuantModel) and (
+            epoch >= cfg.epochs - cfg.quant.controller_epochs
+        )
         # n, loss, correct, budget, bitops_rel, bits, rank correlation, ranked n: summed over
         # samples, reduced over ranks.
         self.sums = torch.zeros(8, dtype=torch.float64)
@@ -516,6 +542,8 @@ class _EpochLoop:
         """Train on ``loader``'s batches after the first ``skip``; ``mid_epoch`` (from
         :meth:`mid_epoch_state` of the stopped run) restores where that run stood."""
         self.net.train()
+        if self.controller_only:
+            self.model.train_controller_only()
         cfg, lr = self.cfg, 0.0
         bar = tqdm(
             loader,
@@ -532,7 +560,11 @@ class _EpochLoop:
             if self._agree_to_stop():
                 self.stopped_at = i
                 break
-            lr = _set_lr(self.opt, lr_factor(cfg, self.epoch + i / self.steps))
+            progress = self.epoch + i / self.steps
+            if self.controller_only:
+                lr = _set_controller_only_lr(self.opt, controller_only_lr_factor(cfg, progress))
+            else:
+                lr = _set_lr(self.opt, lr_factor(cfg, progress))
             self._step(x, y, i)
             if self.progress and (i % 10 == 0 or i == self.steps - 1):
                 bar.set_postfix(self._postfix())
@@ -596,6 +628,9 @@ class _EpochLoop:
         if teacher == "fp":
             with torch.no_grad():
                 return self.teacher(x), None
+        if teacher == "highest" and self.controller_only:  # its own loss trains no controller
+            with torch.no_grad():
+                return self._forward_at(max(self.model.spec.bits), x), None
         if teacher == "highest":
             logits = self._forward_at(max(self.model.spec.bits), x)
             return logits.detach(), F.cross_entropy(logits, y)
@@ -688,6 +723,7 @@ class _EpochLoop:
             stats.update(train_bitops_rel=float(s[4]) / n, train_bits_mean=float(s[5]) / n)
         if isinstance(self.model, DynamicQuantModel):
             stats.update(train_budget_loss=float(s[3]) / n, tau=self.model.tau)
+            stats.update(controller_only=self.controller_only)
             if s[7] > 0:  # Pearson(expected BitOPs, rank of the gain) over the ranked batches
                 stats.update(train_rank_corr=float(s[6]) / float(s[7]))
         return stats

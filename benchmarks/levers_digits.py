@@ -157,6 +157,9 @@ def main() -> None:
             )
         for name in args.levers or list(LEVERS):
             overrides = [*qat, *DQ, f"seed={seed}", *lever(name)]
+            # Controller-only epochs follow the network's, which train as in the other runs.
+            extra = [int(o.split("=")[1]) for o in overrides if "controller_epochs=" in o]
+            overrides.append(f"epochs={args.qat_epochs + sum(extra)}")
             with controller_input(name):
                 run = train(out, args.data, f"dq_{name}_s{seed}", overrides)
                 row = measure(run, args.data)

@@ -65,7 +65,7 @@ FIRST_STATIC, LAST_STATIC = (3, 4), (2, 5)
 # 4-bit's BitOPs (3.35² / 4²), so that a run landing a few percent above its budget (as the
 # 3-bit ones do) stays within 0.75x; ``seed1`` repeats a run with another QAT seed; ``rank``
 # ranks the images' expected BitOPs by how much bits lower their loss (budget.rank_weight);
-# ``controller1`` trains only the controller, on the frozen network, in the last epoch.
+# ``controller1`` adds one epoch that trains only the controller, on the frozen network.
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "grid4": {"quant": {"controller_grid": 4}},
     "stats": {"quant": {"controller_stats": True}},
@@ -189,6 +189,8 @@ def lever_plan(runs: list[dict], out: Path, names: list[str]) -> list[dict]:
                     run.update(changes)
                 else:
                     run[section] = {**run.get(section, {}), **changes}
+        # Controller-only epochs follow the schedule's, so the network trains as in the base.
+        run["epochs"] = base["epochs"] + run["quant"].get("controller_epochs", 0)
         plans.append(run)
     return plans
 

@@ -86,6 +86,9 @@ def test_learn_plan_starts_from_the_given_model_and_levers_change_one_thing(tmp_
         }
         parts = raw["name"].removeprefix("pact_dq_budget3_").split("+")
         expected = {(s, k) for p in parts for s, kv in script.LEVERS[p].items() for k in kv}
+        if "controller1" in parts:  # its controller-only epoch follows the schedule's six
+            expected.add(("run", "epochs"))
+            assert changed["epochs"] == base["epochs"] + 1
         assert diff == expected, parts
     with pytest.raises(argparse.ArgumentTypeError, match="unknown lever 'bogus'.*allowed: "):
         script.lever_name("candidate_bn+bogus")

@@ -17,7 +17,13 @@ from instaquant import config as C
 from instaquant.builder import epoch_progress
 from instaquant.controller import BitController
 from instaquant.cost import controller_cost
-from instaquant.engine import _running_stats_kept, controller_only_lr_factor, fit, train_model
+from instaquant.engine import (
+    _running_stats_kept,
+    controller_only_lr_factor,
+    fit,
+    lr_factor,
+    train_model,
+)
 
 TINY = ["data.name=digits", "data.limit=128", "data.batch_size=32", "model.name=digits_net"]
 
@@ -128,6 +134,20 @@ def test_the_controller_only_learning_rate_is_a_cosine_of_its_own():
     cfg = C.from_dict({}, ["epochs=6", "quant.controller_epochs=2"])
     factors = [controller_only_lr_factor(cfg, t) for t in (4.0, 5.0, 6.0)]
     assert factors == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_the_network_finishes_its_schedule_before_the_controller_only_epochs():
+    """7 epochs with one controller-only epoch: the network's rate is that of a 6-epoch run,
+    so the run's first 6 epochs are that run's."""
+    for schedule in ("cosine", "onecycle", "multistep"):
+        staged = C.from_dict(
+            {}, ["epochs=7", "quant.controller_epochs=1", f"optim.schedule={schedule}"]
+        )
+        plain = C.from_dict({}, ["epochs=6", f"optim.schedule={schedule}"])
+        for t in (0.0, 1.5, 3.0, 5.5, 6.0):
+            assert lr_factor(staged, t) == lr_factor(plain, t)
+    cosine = C.from_dict({}, ["epochs=7", "quant.controller_epochs=1"])
+    assert lr_factor(cosine, 3.0) == pytest.approx(0.5) and lr_factor(cosine, 6.0) < 1e-12
 
 
 def test_controller_only_epochs_train_the_controller_and_nothing_else(tmp_path):

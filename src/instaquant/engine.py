@@ -70,8 +70,12 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def lr_factor(cfg: Config, epoch_progress: float) -> float:
-    """Multiplier of the base learning rate at ``epoch_progress`` (fractional epochs done)."""
-    o, total = cfg.optim, cfg.epochs
+    """Multiplier of the base learning rate at ``epoch_progress`` (fractional epochs done).
+
+    The schedule spans the epochs that train the network: it ends where the controller-only
+    epochs (``quant.controller_epochs``) begin, so the network finishes its schedule first.
+    """
+    o, total = cfg.optim, cfg.epochs - cfg.quant.controller_epochs
     if o.warmup_epochs > 0 and epoch_progress < o.warmup_epochs:
         return (epoch_progress + 1e-3) / o.warmup_epochs
     t = min(max(epoch_progress, 0.0), total)
@@ -97,7 +101,7 @@ def _set_lr(opt: torch.optim.Optimizer, factor: float) -> float:
 def controller_only_lr_factor(cfg: Config, epoch_progress: float) -> float:
     """Multiplier of the controller's base learning rate in the controller-only epochs
     (``quant.controller_epochs``): a cosine of its own from 1 to 0 over them, since the main
-    schedule has all but run out there."""
+    schedule has run out there."""
     n = cfg.quant.controller_epochs
     t = min(max(epoch_progress - (cfg.epochs - n), 0.0), n)
     return 0.5 * (1 + math.cos(math.pi * t / n))

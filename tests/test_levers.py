@@ -137,8 +137,8 @@ def test_the_controller_only_learning_rate_is_a_cosine_of_its_own():
 
 
 def test_the_network_finishes_its_schedule_before_the_controller_only_epochs():
-    """7 epochs with one controller-only epoch: the network's rate is that of a 6-epoch run,
-    so the run's first 6 epochs are that run's."""
+    """7 epochs with one controller-only epoch: the network's rate and the Gumbel temperature
+    are those of a 6-epoch run, so the run's first 6 epochs are that run's."""
     for schedule in ("cosine", "onecycle", "multistep"):
         staged = C.from_dict(
             {}, ["epochs=7", "quant.controller_epochs=1", f"optim.schedule={schedule}"]
@@ -146,6 +146,10 @@ def test_the_network_finishes_its_schedule_before_the_controller_only_epochs():
         plain = C.from_dict({}, ["epochs=6", f"optim.schedule={schedule}"])
         for t in (0.0, 1.5, 3.0, 5.5, 6.0):
             assert lr_factor(staged, t) == lr_factor(plain, t)
+        assert [epoch_progress(staged, e) for e in range(6)] == [
+            epoch_progress(plain, e) for e in range(6)
+        ]
+        assert epoch_progress(staged, 6) == 1.0
     cosine = C.from_dict({}, ["epochs=7", "quant.controller_epochs=1"])
     assert lr_factor(cosine, 3.0) == pytest.approx(0.5) and lr_factor(cosine, 6.0) < 1e-12
 

@@ -178,5 +178,5 @@ def epoch_progress(cfg: Config, epoch: int) -> float:
     """How far the controller's training is at (0-based) ``epoch``, 0 → 1: the temperature
     anneals over the epochs after the random-choice warm-up (``quant.random_epochs``) and
     before the controller-only ones (``quant.controller_epochs``, which keep the last)."""
-    start, end = cfg.quant.random_epochs, cfg.epochs - cfg.quant.controller_epochs
+    start, end = cfg.quant.random_epochs, cfg.network_epochs
     return min(max(epoch - start, 0) / max(end - 1 - start, 1), 1.0)

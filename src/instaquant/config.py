@@ -142,6 +142,12 @@ class Config:
         return asdict(self)
 
     @property
+    def network_epochs(self) -> int:
+        """The epochs that train the network: all but the controller-only ones at the end
+        (``quant.controller_epochs``); the learning rate and temperature schedules span them."""
+        return self.epochs - self.quant.controller_epochs
+
+    @property
     def ref_bits(self) -> int:
         bits = sorted(self.quant.bits)
         return self.reference_bits or bits[len(bits) // 2]

@@ -75,7 +75,7 @@ def lr_factor(cfg: Config, epoch_progress: float) -> float:
     The schedule spans the epochs that train the network: it ends where the controller-only
     epochs (``quant.controller_epochs``) begin, so the network finishes its schedule first.
     """
-    o, total = cfg.optim, cfg.epochs - cfg.quant.controller_epochs
+    o, total = cfg.optim, cfg.network_epochs
     if o.warmup_epochs > 0 and epoch_progress < o.warmup_epochs:
         return (epoch_progress + 1e-3) / o.warmup_epochs
     t = min(max(epoch_progress, 0.0), total)
@@ -103,7 +103,7 @@ def controller_only_lr_factor(cfg: Config, epoch_progress: float) -> float:
     (``quant.controller_epochs``): a cosine of its own from 1 to 0 over them, since the main
     schedule has run out there."""
     n = cfg.quant.controller_epochs
-    t = min(max(epoch_progress - (cfg.epochs - n), 0.0), n)
+    t = min(max(epoch_progress - cfg.network_epochs, 0.0), n)
     return 0.5 * (1 + math.cos(math.pi * t / n))
 
 
@@ -531,7 +531,7 @@ class _EpochLoop:
         self.ref = reference_bitops(model, cfg.ref_bits)
         # The last quant.controller_epochs: the network frozen, only the controller trains.
         self.controller_only = isinstance(model, DynamicQuantModel) and (
-            epoch >= cfg.epochs - cfg.quant.controller_epochs
+            epoch >= cfg.network_epochs
         )
         # n, loss, correct, budget, bitops_rel, bits, rank correlation, ranked n: summed over
         # samples, reduced over ranks.

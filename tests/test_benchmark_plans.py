@@ -243,10 +243,20 @@ def test_digit_levers_combine_and_unknown_names_are_refused():
     both = script.lever("stats+distill_highest")
     assert both == script.LEVERS["stats"] + script.LEVERS["distill_highest"]
     assert script.lever("default") == []
+    reference, candidates = script.candidate_overrides([2, 3, 4])
     for overrides in script.LEVERS.values():  # every lever is a valid DQ config
         model = {"name": "digits_net", "init": "runs/fp"}
         raw = {"model": model, "data": {"name": "digits_contrast"}}
-        config.from_dict(raw, [*script.QAT, "epochs=12", *script.DQ, *overrides])
+        cfg = config.from_dict(
+            raw, [*script.QAT, *reference, "epochs=12", *script.DQ, *candidates, *overrides]
+        )
+        assert cfg.quant.bits == [2, 3, 4] and cfg.budget.target_bits == 3 and cfg.ref_bits == 3
+    # Other candidates: the budget and the reference follow the middle one, in any order given.
+    reference, candidates = script.candidate_overrides([3, 1, 2])
+    cfg = config.from_dict(raw, [*script.QAT, *reference, *script.DQ, *candidates])
+    assert cfg.quant.bits == [1, 2, 3] and cfg.budget.target_bits == 2 and cfg.ref_bits == 2
+    with pytest.raises(ValueError, match="three distinct bit-widths"):
+        script.candidate_overrides([2, 2, 4])
     with pytest.raises(argparse.ArgumentTypeError, match="unknown lever 'stat'; allowed: "):
         script.lever_name("stat+distill_highest")
     # The blind control zeroes the controller's input, and only while it is in force.
@@ -259,6 +269,27 @@ def test_digit_levers_combine_and_unknown_names_are_refused():
     with script.controller_input("stats"):
         assert controller.features(tap).abs().sum() > 0
     assert controller.features(tap).abs().sum() > 0
+
+
+def test_level_oracle_allocates_bits_by_level_on_the_concave_hull():
+    path = REPO / "benchmarks" / "levers_digits.py"
+    spec = importlib.util.spec_from_file_location("levers_digits", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # Static 2/3/4-bit at BitOPs 4/9, 1 and 16/9 of 3-bit's: an easy level right at every
+    # bit-width, a hard one that needs 4 bits.
+    static = {2: (4 / 9, [90.0, 50.0]), 3: (1.0, [90.0, 60.0]), 4: (16 / 9, [90.0, 90.0])}
+    # At the 3-bit budget the easy level takes 2 bits (4/9) and the hard one spends the rest
+    # split between 2 and 4 bits: a share t at 4 bits with (4/9 + 4/9 + t·12/9) / 2 = 1.
+    t = 5 / 6
+    top1, bitops = script.level_oracle(static, 1.0)
+    assert bitops == pytest.approx(1.0)
+    assert top1 == pytest.approx((90 + 50 + t * 40) / 2)  # 86.67, uniform 3 bits is 75
+    # Where bits buy the same at every level, uniform bits are the best allocation.
+    flat = {2: (4 / 9, [80.0, 70.0]), 3: (1.0, [90.0, 80.0]), 4: (16 / 9, [92.0, 82.0])}
+    assert script.level_oracle(flat, 1.0) == pytest.approx((85.0, 1.0))
+    # A budget above what the best allocation needs: it spends no more than that.
+    assert script.level_oracle(static, 2.0) == pytest.approx((90.0, (4 / 9 + 16 / 9) / 2))
 
 
 def test_per_layer_policy_gives_every_image_each_layers_most_frequent_choice(tmp_path):

@@ -4,7 +4,8 @@ A faint digit needs finer activation steps than a bright one. The controller mus
 bits that depend on their contrast; a controller blind to its input cannot. Whether DQ also
 beats static quantization at equal BitOPs is measured in docs/results.md and not asserted
 here: over five full-precision starts the margin ranged from -0.49 to +0.56 points, so no
-threshold would hold on every machine's arithmetic.
+threshold would hold on every machine's arithmetic; and even knowing every image's contrast
+exactly buys only +0.10 ± 0.11 points over the static models' line (the level oracle).
 """
 
 import pytest

@@ -6,7 +6,9 @@ train on the same schedule, once per seed; DQ once with today's defaults and onc
 (:data:`LEVERS`; ``a+b`` for two together). Prints a table of means and spreads over the
 seeds: top-1, BitOPs (x static 3-bit), top-1 at each level, Spearman ρ of per-image BitOPs
 against the known level (noise strength or contrast), per-image BitOPs p90/p10, and the share
-of the oracle's gain the controller captures.
+of the oracle's gain the controller captures. The "level oracle" row is the best the static
+models could do knowing every test image's level (:func:`level_oracle`). ``--bits 1 2 3``
+trains other bit-widths; the budget is always the middle one's BitOPs.
 
     python benchmarks/levers_digits.py --seeds 0 1 2   # about 30 min on one CPU core
     python benchmarks/levers_digits.py --data digits_contrast --fp-epochs 8 --qat-epochs 6 \

@@ -64,7 +64,7 @@ FIRST_STATIC, LAST_STATIC = (3, 4), (2, 5)
 # sections ("run": top-level keys). ``budget070`` instead moves the budget to 0.70x static
 # 4-bit's BitOPs (3.35² / 4²), so that a run landing a few percent above its budget (as the
 # 3-bit ones do) stays within 0.75x; ``budget075`` at 0.744x (3.45² / 4²) is as close to the
-# 0.75x edge as that allows; ``seed1`` repeats a run with another QAT seed; ``rank``
+# 0.75x edge as that allows; ``seed1`` and ``seed2`` repeat a run with other QAT seeds; ``rank``
 # ranks the images' expected BitOPs by how much bits lower their loss (budget.rank_weight);
 # ``controller1`` adds one epoch that trains only the controller, on the frozen network.
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
@@ -78,6 +78,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "budget070": {"budget": {"target_bits": 3.35}},
     "budget075": {"budget": {"target_bits": 3.45}},
     "seed1": {"run": {"seed": 1}},
+    "seed2": {"run": {"seed": 2}},
     "rank": {"budget": {"rank_weight": 1.0}},
     "controller1": {"quant": {"controller_epochs": 1}},
 }
@@ -357,7 +358,8 @@ def main() -> None:
         type=lever_name,
         help="then PACT DQ at the 3-bit budget once per named option (all when none named); "
         f"options: {', '.join(sorted(LEVERS))}; join with + to combine (candidate_bn+warmup); "
-        "budget070 moves the budget to 0.70x static 4-bit's BitOPs, seed1 changes the seed",
+        "budget070 and budget075 move the budget to 0.70x and 0.744x static 4-bit's BitOPs, "
+        "seed1 and seed2 change the seed",
     )
     p.add_argument(
         "--ablations",

@@ -13,9 +13,10 @@ from instaquant import config
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _script():
-    path = REPO / "benchmarks" / "reproduce_cifar10.py"
-    spec = importlib.util.spec_from_file_location("reproduce_cifar10", path)
+def _script(name: str = "reproduce_cifar10"):
+    """A benchmark script under benchmarks/, loaded as a module."""
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -236,10 +237,7 @@ def test_product_speed_prints_both_timings_and_their_ratio(monkeypatch, capsys):
 
 def test_digit_levers_combine_and_unknown_names_are_refused():
     # The other tests here plan the CIFAR-10 reproduction; this one the digits levers.
-    path = REPO / "benchmarks" / "levers_digits.py"
-    spec = importlib.util.spec_from_file_location("levers_digits", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("levers_digits")
     both = script.lever("stats+distill_highest")
     assert both == script.LEVERS["stats"] + script.LEVERS["distill_highest"]
     assert script.lever("default") == []
@@ -272,10 +270,7 @@ def test_digit_levers_combine_and_unknown_names_are_refused():
 
 
 def test_level_oracle_allocates_bits_by_level_on_the_concave_hull():
-    path = REPO / "benchmarks" / "levers_digits.py"
-    spec = importlib.util.spec_from_file_location("levers_digits", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("levers_digits")
     # Static 2/3/4-bit at BitOPs 4/9, 1 and 16/9 of 3-bit's: an easy level right at every
     # bit-width, a hard one that needs 4 bits.
     static = {2: (4 / 9, [90.0, 50.0]), 3: (1.0, [90.0, 60.0]), 4: (16 / 9, [90.0, 90.0])}
@@ -293,10 +288,7 @@ def test_level_oracle_allocates_bits_by_level_on_the_concave_hull():
 
 
 def test_per_layer_policy_gives_every_image_each_layers_most_frequent_choice(tmp_path):
-    path = REPO / "benchmarks" / "per_layer_policy.py"
-    spec = importlib.util.spec_from_file_location("per_layer_policy", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("per_layer_policy")
     shares = [[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.0, 1.0, 0.0]]
     assert script.majority_bits(shares, [2, 3, 4]) == [4, 2, 3]
 

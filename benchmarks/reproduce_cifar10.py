@@ -11,6 +11,7 @@ accuracy-vs-BitOPs plot into ``--out``.
 
     python benchmarks/reproduce_cifar10.py --learn --fp-init FP.pt   # 6 QAT epochs, PACT
     python benchmarks/reproduce_cifar10.py --learn --fp-init FP.pt --levers   # + one DQ run per option
+    python benchmarks/reproduce_cifar10.py --learn --fp-init FP.pt --static-seeds 1 2   # + static 3/4-bit per seed
     python benchmarks/reproduce_cifar10.py --quick   # 15 fp + 2 QAT epochs, about 100 min
     python benchmarks/reproduce_cifar10.py --paper   # the full schedules (a GPU)
     python benchmarks/reproduce_cifar10.py --quick --ablations   # + about 35 min of PACT runs
@@ -198,6 +199,20 @@ def lever_plan(runs: list[dict], out: Path, names: list[str]) -> list[dict]:
     return plans
 
 
+def static_seed_plan(runs: list[dict], out: Path, seeds: list[int]) -> list[dict]:
+    """PACT static 3- and 4-bit once per QAT seed, all else as the main table's: the static
+    line of the seeds that ``seed1`` and ``seed2`` train DQ with, so that DQ and static compare
+    on the same seed."""
+    by_name = {r["name"]: r for r in runs}
+    plans = []
+    for seed in seeds:
+        for bits in FIRST_STATIC:
+            name = f"pact_static{bits}_seed{seed}"
+            plans.append({**by_name[f"pact_static{bits}"], "name": name, "out": str(out / name)})
+            plans[-1]["seed"] = seed
+    return plans
+
+
 def ablation_plan(runs: list[dict], out: Path, schedule: str) -> list[dict]:
     """PACT runs that test why DQ does not beat static 4-bit on the quick schedule.
 
@@ -362,6 +377,13 @@ def main() -> None:
         "seed1 and seed2 change the seed",
     )
     p.add_argument(
+        "--static-seeds",
+        nargs="+",
+        type=int,
+        help="then PACT static 3- and 4-bit once per given QAT seed (the static line of seed1 "
+        "and seed2)",
+    )
+    p.add_argument(
         "--ablations",
         action="store_true",
         help="then PACT runs testing why DQ loses on the schedule (shared α, twice the epochs)",
@@ -372,6 +394,8 @@ def main() -> None:
         p.error("--learn starts from a trained full-precision model: give --fp-init PATH")
     if args.levers is not None and "pact" not in args.methods:
         p.error("--levers varies the PACT DQ run: include pact in --methods")
+    if args.static_seeds and "pact" not in args.methods:
+        p.error("--static-seeds trains PACT static runs: include pact in --methods")
     if args.ablations and "pact" not in args.methods:
         # Checked before the main runs, not after hours of training.
         p.error("--ablations varies the PACT runs: include pact in --methods")
@@ -394,6 +418,9 @@ def main() -> None:
     if args.levers is not None:
         names = args.levers or sorted(LEVERS)
         lever_entries = run_all(lever_plan(runs, args.out, names), args.progress, train)
+    if args.static_seeds:
+        seeded = static_seed_plan(runs, args.out, args.static_seeds)
+        lever_entries += run_all(seeded, args.progress, train)
     (args.out / "cifar10.json").write_text(
         json.dumps({"runs": machine_results([*entries, *lever_entries])}, indent=2)
     )

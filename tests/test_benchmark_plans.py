@@ -95,6 +95,27 @@ def test_learn_plan_starts_from_the_given_model_and_levers_change_one_thing(tmp_
         script.lever_name("candidate_bn+bogus")
 
 
+def test_static_seed_plan_changes_only_the_seed(tmp_path):
+    script = _script()
+    runs = script.plan(
+        tmp_path / "data", tmp_path / "out", "learn", ["pact"], None, tmp_path / "fp.pt"
+    )
+    seeded = script.static_seed_plan(runs, tmp_path / "out", [1, 2])
+    assert [r["name"] for r in seeded] == [
+        "pact_static3_seed1",
+        "pact_static4_seed1",
+        "pact_static3_seed2",
+        "pact_static4_seed2",
+    ]
+    by_name = {r["name"]: config.from_dict(r).to_dict() for r in runs}
+    for raw in seeded:
+        cfg = config.from_dict(raw).to_dict()
+        base = by_name[raw["name"].rsplit("_", 1)[0]]
+        diff = {k for k in cfg if k not in ("name", "out") and cfg[k] != base[k]}
+        assert diff == {"seed"} and cfg["seed"] == int(raw["name"][-1])
+        assert cfg["out"] == str(tmp_path / "out" / raw["name"])
+
+
 def test_ablations_without_pact_stop_before_any_training(tmp_path, monkeypatch, capsys):
     script = _script()
     monkeypatch.setattr(script, "run_all", lambda *a: pytest.fail("trained before checking"))

@@ -67,7 +67,10 @@ FIRST_STATIC, LAST_STATIC = (3, 4), (2, 5)
 # 3-bit ones do) stays within 0.75x; ``budget075`` at 0.744x (3.45² / 4²) is as close to the
 # 0.75x edge as that allows; ``seed1`` and ``seed2`` repeat a run with other QAT seeds; ``rank``
 # ranks the images' expected BitOPs by how much bits lower their loss (budget.rank_weight);
-# ``controller1`` adds one epoch that trains only the controller, on the frozen network.
+# ``controller1`` adds one epoch that trains only the controller, on the frozen network;
+# ``weights4`` fixes every weight at 4 bits, so the candidates and the budget are activation
+# bits and BitOPs grow linearly with them (the 3-bit budget is then 0.75x static 4-bit), and
+# ``budget_a288`` with it aims at 0.72x (4 · 2.88 / 16), as budget070 leaves room to overshoot.
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "grid4": {"quant": {"controller_grid": 4}},
     "stats": {"quant": {"controller_stats": True}},
@@ -82,7 +85,11 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "seed2": {"run": {"seed": 2}},
     "rank": {"budget": {"rank_weight": 1.0}},
     "controller1": {"quant": {"controller_epochs": 1}},
+    "weights4": {"quant": {"weight_bits": 4}},
+    "budget_a288": {"budget": {"target_bits": 2.88}},
 }
+# The static line of ``weights4``: weights at 4 bits, activations at these (4 is pact_static4).
+WEIGHTS4_STATIC = (2, 3)
 
 
 def lever_name(name: str) -> str:
@@ -213,6 +220,18 @@ def static_seed_plan(runs: list[dict], out: Path, seeds: list[int]) -> list[dict
     return plans
 
 
+def weights4_static_plan(runs: list[dict], out: Path) -> list[dict]:
+    """PACT static with 4-bit weights and 2- or 3-bit activations, all else as the main
+    table's: with pact_static4, the static line that ``weights4`` DQ runs compare with."""
+    base = next(r for r in runs if r["name"] == "pact_static4")
+    plans = []
+    for bits in WEIGHTS4_STATIC:
+        name = f"pact_static{bits}_w4"
+        quant = {**base["quant"], "bits": [bits], "weight_bits": 4}
+        plans.append({**base, "name": name, "out": str(out / name), "quant": quant})
+    return plans
+
+
 def ablation_plan(runs: list[dict], out: Path, schedule: str) -> list[dict]:
     """PACT runs that test why DQ does not beat static 4-bit on the quick schedule.
 
@@ -263,6 +282,8 @@ def machine_results(entries: list[dict]) -> list[dict]:
     rows = []
     for e in entries:
         row = {k: e.get(k) for k in ("name", "recipe", "method", "bits", "top1", "bitops_rel")}
+        if e.get("weight_bits") is not None:  # bits are then the activations'
+            row["weight_bits"] = e["weight_bits"]
         room = e.get("headroom")
         if room is not None:
             row.update(
@@ -384,6 +405,12 @@ def main() -> None:
         "and seed2)",
     )
     p.add_argument(
+        "--weights4-static",
+        action="store_true",
+        help="then PACT static with 4-bit weights and 2- or 3-bit activations (the static "
+        "line of the weights4 lever)",
+    )
+    p.add_argument(
         "--ablations",
         action="store_true",
         help="then PACT runs testing why DQ loses on the schedule (shared α, twice the epochs)",
@@ -394,6 +421,8 @@ def main() -> None:
         p.error("--learn starts from a trained full-precision model: give --fp-init PATH")
     if args.levers is not None and "pact" not in args.methods:
         p.error("--levers varies the PACT DQ run: include pact in --methods")
+    if args.weights4_static and "pact" not in args.methods:
+        p.error("--weights4-static trains PACT static runs: include pact in --methods")
     if args.static_seeds and "pact" not in args.methods:
         p.error("--static-seeds trains PACT static runs: include pact in --methods")
     if args.ablations and "pact" not in args.methods:
@@ -422,9 +451,22 @@ def main() -> None:
     if args.static_seeds:
         seeded = static_seed_plan(runs, args.out, args.static_seeds)
         seed_entries = run_all(seeded, args.progress, train)
+    weights4_entries = []
+    if args.weights4_static:
+        weights4_entries = run_all(weights4_static_plan(runs, args.out), args.progress, train)
     (args.out / "cifar10.json").write_text(
-        json.dumps({"runs": machine_results([*entries, *lever_entries, *seed_entries])}, indent=2)
+        json.dumps(
+            {"runs": machine_results([*entries, *lever_entries, *seed_entries, *weights4_entries])},
+            indent=2,
+        )
     )
+    if weights4_entries:
+        # 4-bit weights throughout: a line of its own, with the DQ runs that fix weights too.
+        static4 = [e for e in entries if e["name"] == "pact_static4"]
+        fixed = [e for e in lever_entries if e.get("weight_bits") == 4]
+        table = format_table([*weights4_entries, *static4, *fixed])
+        print(table)
+        (args.out / "weights4.md").write_text(f"```\n{table}\n```\n")
     if seed_entries:
         # A table of their own: on the plots they would join seed 0's static line.
         table = format_table(seed_entries)

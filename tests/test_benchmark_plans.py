@@ -116,6 +116,31 @@ def test_static_seed_plan_changes_only_the_seed(tmp_path):
         assert cfg["out"] == str(tmp_path / "out" / raw["name"])
 
 
+def test_weights4_static_plan_changes_only_the_activation_bits(tmp_path):
+    script = _script()
+    runs = script.plan(
+        tmp_path / "data", tmp_path / "out", "learn", ["pact"], None, tmp_path / "fp.pt"
+    )
+    fixed = script.weights4_static_plan(runs, tmp_path / "out")
+    assert [r["name"] for r in fixed] == ["pact_static2_w4", "pact_static3_w4"]
+    base = config.from_dict(next(r for r in runs if r["name"] == "pact_static4")).to_dict()
+    for raw, bits in zip(fixed, (2, 3), strict=True):
+        cfg = config.from_dict(raw).to_dict()
+        diff = {
+            (section, key)
+            for section, values in cfg.items()
+            if isinstance(values, dict)
+            for key in values
+            if values[key] != base[section][key]
+        }
+        assert diff == {("quant", "bits"), ("quant", "weight_bits")}
+        assert cfg["quant"]["bits"] == [bits] and cfg["quant"]["weight_bits"] == 4
+        assert {k for k in cfg if not isinstance(cfg[k], dict) and cfg[k] != base[k]} == {
+            "name",
+            "out",
+        }
+
+
 def test_ablations_without_pact_stop_before_any_training(tmp_path, monkeypatch, capsys):
     script = _script()
     monkeypatch.setattr(script, "run_all", lambda *a: pytest.fail("trained before checking"))

@@ -54,6 +54,7 @@ class Analysis:
     metrics: dict[str, Any]
     layers: list[Any] = field(default_factory=list, repr=False)  # cost.LayerInfo of every layer
     method: str | None = None  # the quantizer method (pact, lsq, ...)
+    weight_bits: int | None = None  # weights fixed at these bits; candidates are activations'
     data_root: str | None = None  # the image folder read (resolved); None for named datasets
     fp_run: str | None = None
     fp_loss: Tensor | None = None
@@ -313,6 +314,7 @@ def analyze(
         dataset=cfg.data.name,
         checkpoint=str(path),
         method=cfg.quant.method,
+        weight_bits=cfg.quant.weight_bits,
         data_root=data_identity(cfg)[1],
         classes=list(info.classes),
         layer_names=[i.name for i in layers],

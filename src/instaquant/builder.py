@@ -56,6 +56,7 @@ def spec_from_config(cfg: Config, signed: dict[str, bool] | None = None) -> Dyna
         first_last=q.first_last,
         exclude=tuple(q.exclude),
         separate=q.separate,
+        weight_bits=q.weight_bits,
         share=q.share,
         signed=dict(signed or {}),
         hidden=q.hidden,
@@ -121,6 +122,7 @@ def build_model(
             q.share,
             signed,
             q.product_bits,
+            q.weight_bits,
         )
     return dynamic(fp, spec_from_config(cfg, signed), example)
 

@@ -70,6 +70,7 @@ class QuantConfig:
     first_last: str = "fp"
     exclude: list[str] = field(default_factory=list)
     separate: bool = False
+    weight_bits: int | None = None  # weights fixed at these bits; bits then name activations
     share: bool = False
     hidden: int = 128
     dropout: float = 0.1
@@ -369,14 +370,18 @@ def validate(cfg: Config) -> None:
             f"0..{most} (after quant.random_epochs, with the network trained in at least one "
             "epoch), and needs recipe dynamic when above 0"
         )
-    product_bits = cfg.quant.product_bits
-    if product_bits is not None and (
-        isinstance(product_bits, bool)
-        or not isinstance(product_bits, int)
-        or not 1 <= product_bits <= 8
-    ):
+    for key in ("product_bits", "weight_bits"):
+        value = getattr(cfg.quant, key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8
+        ):
+            raise ConfigError(
+                f"config key 'quant.{key}': {value!r} must be null or an integer 1..8"
+            )
+    if cfg.quant.weight_bits is not None and cfg.quant.separate:
         raise ConfigError(
-            f"config key 'quant.product_bits': {product_bits!r} must be null or an integer 1..8"
+            "config keys 'quant.weight_bits' and 'quant.separate': fixed weights leave only "
+            "activations to choose; set one of them"
         )
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr': {cfg.optim.lr} must be > 0")

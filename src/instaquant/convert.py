@@ -81,6 +81,10 @@ class DynamicSpec:
         exclude (tuple[str, ...], ()): fnmatch patterns of layers kept full precision (one
             string is one pattern).
         separate (bool, False): weights and activations choose their bits separately.
+        weight_bits (int | None, None): every quantized layer's weights at this one
+            bit-width, so that ``bits``, ``fixed_bits`` and the budget's ``target_bits``
+            name activation bits only and a layer's BitOPs grow linearly with its choice
+            (layers pinned at 8 bits keep theirs); None: weights at the chosen bits too.
         share (bool, False): one learned clip/step shared by all candidates of a layer.
         signed (dict[str, bool], {}): per-layer override of the signed-activation detection.
         hidden (int, 128): width of the controller's hidden layer.
@@ -116,6 +120,7 @@ class DynamicSpec:
     first_last: str = "fp"
     exclude: tuple[str, ...] = ()
     separate: bool = False
+    weight_bits: int | None = None
     share: bool = False
     signed: dict[str, bool] = field(default_factory=dict)
     hidden: int = 128
@@ -140,6 +145,12 @@ class DynamicSpec:
         if self.fixed_bits is None:
             self.fixed_bits = self.bits[len(self.bits) // 2]
         _check_bits((self.fixed_bits,), "fixed_bits")
+        check_weight_bits(self.weight_bits, self.method)
+        if self.weight_bits is not None and self.separate:
+            raise ValueError(
+                "weight_bits fixes the weights, so only activations choose; it does not "
+                "combine with separate=True"
+            )
         check_product_bits(self.product_bits, self.method)
         if self.first_last not in FIRST_LAST:
             raise ValueError(
@@ -170,6 +181,12 @@ class DynamicSpec:
                 f"budget must be an instaquant.Budget (or a dict of its fields), got "
                 f"{type(self.budget).__name__}"
             )
+
+
+def check_weight_bits(bits: int | None, method: str) -> None:
+    if bits is not None:
+        _check_bits((bits,), "weight_bits")
+        _check_method(method, (bits,))
 
 
 def check_product_bits(bits: int | None, method: str) -> None:
@@ -355,7 +372,14 @@ class DynamicQuantModel(QuantModel):
         self._pending: Tensor | None = None
         # Integer cost buffers: ``.half()`` and autocast leave them exact (MACs overflow fp16).
         self.register_buffer("candidate_bits", torch.tensor(spec.bits, dtype=torch.int64))
-        static_bitops = sum(i.macs * i.bits[0] * i.bits[0] for i in layers if i.role == "static")
+        weight_bits = (
+            spec.bits if spec.weight_bits is None else (spec.weight_bits,) * len(spec.bits)
+        )
+        # Not saved: it follows from the spec, and checkpoints from before it still load.
+        self.register_buffer(
+            "candidate_weight_bits", torch.tensor(weight_bits, dtype=torch.int64), persistent=False
+        )
+        static_bitops = sum(i.bitops_at(i.bits[0]) for i in layers if i.role == "static")
         self.register_buffer("static_part_bitops", torch.tensor(static_bitops, dtype=torch.int64))
         macs = [i.macs for i in layers if i.role == "dynamic"]
         self.register_buffer("dynamic_macs", torch.tensor(macs, dtype=torch.int64))
@@ -537,8 +561,9 @@ class DynamicQuantModel(QuantModel):
             bits_w, bits_a = (dist[:, :, 0] * b).sum(-1), (dist[:, :, 1] * b).sum(-1)
             per_layer = bits_w * bits_a
         else:
-            bits_w = bits_a = (dist * b).sum(-1)
-            per_layer = (dist * (b * b)).sum(-1)  # linear in the one-hot: clean STE gradient
+            b_w = self.candidate_weight_bits.to(dist.dtype)  # b itself unless weights are fixed
+            bits_w, bits_a = (dist * b_w).sum(-1), (dist * b).sum(-1)
+            per_layer = (dist * (b_w * b)).sum(-1)  # linear in the one-hot: clean STE gradient
         macs = self.dynamic_macs.to(dist.dtype)
         return bits_w, bits_a, (per_layer * macs).sum(-1) + self.static_part_bitops.to(dist.dtype)
 
@@ -569,7 +594,10 @@ class DynamicQuantModel(QuantModel):
         if self.last is None:
             raise RuntimeError("budget_loss() needs a forward pass first")
         rec = self.last
-        mean_bits = (rec.bits_w.mean() + rec.bits_a.mean()) / 2
+        if self.spec.weight_bits is None:
+            mean_bits = (rec.bits_w.mean() + rec.bits_a.mean()) / 2
+        else:  # fixed weights: the chosen bits are the activations' alone
+            mean_bits = rec.bits_a.mean()
         return self.spec.budget.loss(rec.bitops, mean_bits, self.layers)
 
     def budget_target(self) -> float:
@@ -594,19 +622,24 @@ class StaticQuantModel(QuantModel):
         self.bits = bits
         self.method = method
         self.last = None
-        bitops = sum(i.macs * i.bits[0] * i.bits[0] for i in layers if i.role != "fp")
+        bitops = sum(i.bitops_at(i.bits[0]) for i in layers if i.role != "fp")
         # Integers, as in DynamicQuantModel: exact whatever dtype the model is cast to.
-        self.register_buffer("bitops_per_sample", torch.tensor(bitops, dtype=torch.int64))
+        self.register_buffer("bitops_per_sample", torch.tensor(int(bitops), dtype=torch.int64))
         layer_bits = [i.bits[0] for i in self.quantized_layers]
         self.register_buffer("layer_bits", torch.tensor(layer_bits, dtype=torch.int64))
+        weight_bits = [i.weight_bits or i.bits[0] for i in self.quantized_layers]
+        self.register_buffer(  # not saved: it follows from the plan (older checkpoints load)
+            "layer_weight_bits", torch.tensor(weight_bits, dtype=torch.int64), persistent=False
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         self.warn_if_other_size(x)
         self.last = None
         out = self.model(x)
         B, dtype = x.shape[0], cost_dtype(x.dtype)
-        bits = self.layer_bits.to(dtype).expand(B, -1)
-        self.last = ForwardRecord(bits, bits, self.bitops_per_sample.to(dtype).expand(B))
+        bits_a = self.layer_bits.to(dtype).expand(B, -1)
+        bits_w = self.layer_weight_bits.to(dtype).expand(B, -1)
+        self.last = ForwardRecord(bits_w, bits_a, self.bitops_per_sample.to(dtype).expand(B))
         return out
 
     def budget_loss(self) -> Tensor:
@@ -700,15 +733,16 @@ def dynamic(model: nn.Module, spec: DynamicSpec, example_input: Tensor) -> Dynam
             info.bits = spec.bits
         elif not info.bits:
             info.bits = (spec.fixed_bits,)
+        if info.pinned_bits is None:
+            info.weight_bits = spec.weight_bits
         signed = spec.signed.get(info.name, info.input_negative)
         info.input_negative = signed
-        kw = {"share": spec.share}
+        kw = {"share": spec.share, "weight_bits": info.weight_bits}
         if info.role == "dynamic":
             kw["execution"] = spec.execution
         _swap(model, info, spec.method, info.bits, signed, **kw)
     if spec.budget.kind == "bitops":
-        cheapest = sum(i.macs * i.bits[0] ** 2 for i in layers if i.role == "static")
-        cheapest += sum(i.macs * spec.bits[0] ** 2 for i in layers if i.role == "dynamic")
+        cheapest = _bitops_with(layers, spec.bits[0])
         if spec.budget.target(layers) < cheapest:
             raise ValueError(
                 f"budget target {spec.budget.target(layers):.4g} BitOPs is below the cheapest "
@@ -758,11 +792,19 @@ def _tap_channels(tap: str, shape: tuple[int, ...]) -> int:
     )
 
 
+def _bitops_with(layers: list[LayerInfo], dynamic_bits: int) -> float:
+    """BitOPs with every dynamic layer at ``dynamic_bits`` and the static ones at theirs."""
+    return sum(
+        i.bitops_at(dynamic_bits if i.role == "dynamic" else i.bits[0])
+        for i in layers
+        if i.role in ("static", "dynamic")
+    )
+
+
 def _warn_if_never_binding(spec: DynamicSpec, layers: list[LayerInfo]) -> None:
     """A budget at or above the most expensive choice constrains nothing: say so once."""
     if spec.budget.kind == "bitops":
-        costliest = sum(i.macs * i.bits[0] ** 2 for i in layers if i.role == "static")
-        costliest += sum(i.macs * spec.bits[-1] ** 2 for i in layers if i.role == "dynamic")
+        costliest = _bitops_with(layers, spec.bits[-1])
         target, what = spec.budget.target(layers), "BitOPs"
     else:
         costliest, target, what = spec.bits[-1], spec.budget.target_bits, "bits"
@@ -785,6 +827,7 @@ def static(
     share: bool = False,
     signed: dict[str, bool] | None = None,
     product_bits: int | None = None,
+    weight_bits: int | None = None,
 ) -> StaticQuantModel:
     """The fixed-bit baseline with the same full-precision/quantized layer choices as :func:`dynamic`.
 
@@ -801,9 +844,13 @@ def static(
             detection.
         product_bits (int | None, None): bits of the matrix products outside Conv2d/Linear
             layers (attention), as in :class:`DynamicSpec`; None keeps them full precision.
+        weight_bits (int | None, None): weights at this many bits and activations at
+            ``bits`` (W4A3: ``bits=3, weight_bits=4``), as in :class:`DynamicSpec`; None:
+            both at ``bits``.
     """
     _check_bits((bits,), "bits")
     _check_method(method, (bits,))
+    check_weight_bits(weight_bits, method)
     check_product_bits(product_bits, method)
     if first_last not in FIRST_LAST:
         raise ValueError(
@@ -822,8 +869,11 @@ def static(
             continue
         info.role = "static"
         info.bits = info.bits or (bits,)
+        if info.pinned_bits is None:
+            info.weight_bits = weight_bits
         info.input_negative = signed.get(info.name, info.input_negative)
-        _swap(model, info, method, info.bits, info.input_negative, share=share)
+        kw = {"share": share, "weight_bits": info.weight_bits}
+        _swap(model, info, method, info.bits, info.input_negative, **kw)
     if product_bits is not None:
         quantize_products(model, planned.products, method, product_bits)
     result = StaticQuantModel(model, layers, bits, method)
@@ -837,5 +887,6 @@ def static(
         "exclude": list(exclude),
         "share": bool(share),
         "product_bits": product_bits,
+        "weight_bits": weight_bits,
     }
     return result

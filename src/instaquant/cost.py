@@ -42,6 +42,15 @@ class LayerInfo:
     bits: tuple[int, ...] = ()
     pinned_bits: int | None = None  # fixed whatever the reference (first/last layer at 8 bits)
     aliases: tuple[str, ...] = ()  # other attribute paths holding the same module
+    weight_bits: int | None = None  # weights fixed at these bits; None: as the activations
+
+    def bitops_at(self, bits: float) -> float:
+        """MACs · weight bits · activation bits with the activations at ``bits`` (the weights
+        too unless ``weight_bits`` fixes them); a layer with pinned bits at its own."""
+        if self.pinned_bits is not None:
+            return float(self.macs * self.pinned_bits**2)
+        weight = bits if self.weight_bits is None else self.weight_bits
+        return float(self.macs * weight * bits)
 
 
 @dataclass
@@ -140,15 +149,10 @@ def probe(model: nn.Module, example_input: Tensor, tap: str | None = None) -> Pr
 
 
 def bitops_at(layers: list[LayerInfo], bits: float) -> float:
-    """BitOPs of the quantized layers (roles static/dynamic) at ``bits`` for weights and inputs,
-    layers with pinned bits (``first_last="8bit"``) at theirs: a static model's own BitOPs."""
-    return float(
-        sum(
-            info.macs * (bits * bits if info.pinned_bits is None else info.pinned_bits**2)
-            for info in layers
-            if info.role != "fp"
-        )
-    )
+    """BitOPs of the quantized layers (roles static/dynamic) at ``bits`` for inputs and weights
+    (weights at their fixed ``weight_bits`` where set), layers with pinned bits
+    (``first_last="8bit"``) at theirs: a static model's own BitOPs."""
+    return float(sum(info.bitops_at(bits) for info in layers if info.role != "fp"))
 
 
 @dataclass
@@ -223,6 +227,8 @@ class Profile:
         lines = [head, "-" * len(head)]
         for info in self.layers:
             bits = ",".join(map(str, info.bits)) if info.bits else "32 (fp)"
+            if info.weight_bits is not None and info.pinned_bits is None:
+                bits += f" (weights {info.weight_bits})"
             lines.append(
                 f"{info.name:<32} {info.role:<8} {info.macs:>12,} {info.params:>10,}  {bits}"
             )

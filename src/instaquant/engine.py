@@ -219,6 +219,7 @@ def _summary_entry(
         "dataset": cfg.data.name,
         "method": None if cfg.recipe == "fp" else cfg.quant.method,
         "bits": None if cfg.recipe == "fp" else list(cfg.quant.bits),
+        "weight_bits": None if cfg.recipe == "fp" else cfg.quant.weight_bits,
         "top1": metrics["top1"],
         "top5": metrics["top5"],
         "best_top1": best,

@@ -42,8 +42,14 @@ BITOPS_NOTE = "BitOPs: quantized layers only; full-precision layers are not coun
 def _label(run: dict) -> str:
     if run["recipe"] == "fp":
         return "full precision"
-    bits = "/".join(map(str, run["bits"]))
-    return f"{run['method']} {'DQ' if run['recipe'] == 'dynamic' else 'static'} {bits}-bit"
+    bits = _bits_label(run["bits"], run.get("weight_bits"))
+    return f"{run['method']} {'DQ' if run['recipe'] == 'dynamic' else 'static'} {bits}"
+
+
+def _bits_label(bits: list[int] | tuple[int, ...], weight_bits: int | None) -> str:
+    """``3/4/5-bit``, or ``W4 A2/3/4`` when the weights are fixed and only activations choose."""
+    joined = "/".join(map(str, bits))
+    return f"{joined}-bit" if weight_bits is None else f"W{weight_bits} A{joined}"
 
 
 def _save(fig: Any, path: str | Path) -> Path:
@@ -402,6 +408,7 @@ def _own_entry(a: Analysis) -> dict:
         "dataset": a.dataset,
         "method": a.method,
         "bits": list(a.candidates),
+        "weight_bits": a.weight_bits,
         "top1": a.metrics["top1"],
         "bitops_mean": a.metrics["bitops_mean"],
     }
@@ -547,9 +554,9 @@ def _write_files(run_dir: Path, out: Path, a: Analysis, gallery_size: int) -> di
 
     doc = _Doc(f"instaquant report: {a.name}")
     kind = "dynamic (DQ)" if a.recipe == "dynamic" else "static"
-    bits = "/".join(map(str, a.candidates))
+    bits = _bits_label(a.candidates, a.weight_bits)
     doc.p(
-        f"Run {run_dir}: {kind} {bits}-bit {a.model_name} on {a.dataset}; "
+        f"Run {run_dir}: {kind} {bits} {a.model_name} on {a.dataset}; "
         f"checkpoint {a.checkpoint}; {a.n} test images."
     )
     doc.h2("Summary")

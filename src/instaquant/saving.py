@@ -88,6 +88,7 @@ def load(
             s["share"],
             entry["signed"],
             s.get("product_bits"),
+            s.get("weight_bits"),
         )
     load_model_state(result, ckpt["model"], f"file {str(path)!r}")
     if isinstance(result, DynamicQuantModel):

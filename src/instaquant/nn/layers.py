@@ -186,10 +186,13 @@ class _StaticMixin(_WeightCache):
     aq: Quantizer
     bits: int
 
-    def _setup(self, method: str, bits: int, signed_input: bool, share: bool) -> None:
+    def _setup(
+        self, method: str, bits: int, signed_input: bool, share: bool, weight_bits: int | None
+    ) -> None:
         self.bits = int(bits)
+        self.weight_bits = self.bits if weight_bits is None else int(weight_bits)
         self.method = method
-        self.wq = make_weight_quantizer(method, (bits,), share)
+        self.wq = make_weight_quantizer(method, (self.weight_bits,), share)
         self.aq = make_activation_quantizer(method, (bits,), signed_input, share)
         _place_like(self.weight, self.wq, self.aq)
 
@@ -203,11 +206,17 @@ class QConv2d(_StaticMixin, _ConvOp):
 
     @classmethod
     def from_float(
-        cls, conv: nn.Conv2d, method: str, bits: int, signed_input: bool, share: bool = False
+        cls,
+        conv: nn.Conv2d,
+        method: str,
+        bits: int,
+        signed_input: bool,
+        share: bool = False,
+        weight_bits: int | None = None,
     ) -> QConv2d:
         layer = cls(**_conv_kwargs(conv), device=conv.weight.device, dtype=conv.weight.dtype)
         _copy_params(layer, conv)
-        layer._setup(method, bits, signed_input, share)
+        layer._setup(method, bits, signed_input, share, weight_bits)
         return layer
 
 
@@ -216,11 +225,17 @@ class QLinear(_StaticMixin, _LinearOp):
 
     @classmethod
     def from_float(
-        cls, lin: nn.Linear, method: str, bits: int, signed_input: bool, share: bool = False
+        cls,
+        lin: nn.Linear,
+        method: str,
+        bits: int,
+        signed_input: bool,
+        share: bool = False,
+        weight_bits: int | None = None,
     ) -> QLinear:
         layer = cls(**_linear_kwargs(lin), device=lin.weight.device, dtype=lin.weight.dtype)
         _copy_params(layer, lin)
-        layer._setup(method, bits, signed_input, share)
+        layer._setup(method, bits, signed_input, share, weight_bits)
         return layer
 
 
@@ -238,11 +253,21 @@ class _DynamicMixin(_WeightCache):
     op: Callable[[Tensor, Tensor], Tensor]
 
     def _setup(
-        self, method: str, bits: tuple[int, ...], signed_input: bool, share: bool, execution: str
+        self,
+        method: str,
+        bits: tuple[int, ...],
+        signed_input: bool,
+        share: bool,
+        execution: str,
+        weight_bits: int | None = None,
     ) -> None:
         self.bits = tuple(int(b) for b in bits)
+        self.weight_bits = None if weight_bits is None else int(weight_bits)
         self.method = method
-        self.wq = make_weight_quantizer(method, self.bits, share)
+        if weight_bits is None:
+            self.wq = make_weight_quantizer(method, self.bits, share)
+        else:  # candidate k's weight is the same one at weight_bits: one shared step/basis
+            self.wq = make_weight_quantizer(method, (self.weight_bits,) * len(self.bits), True)
         self.aq = make_activation_quantizer(method, self.bits, signed_input, share)
         _place_like(self.weight, self.wq, self.aq)
         self.selection = None
@@ -353,7 +378,8 @@ class _DynamicMixin(_WeightCache):
         return route(x, plan, quantize, branch)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, execution={self.execution}"
+        weights = "" if self.weight_bits is None else f", weight_bits={self.weight_bits}"
+        return f"{super().extra_repr()}, bits={self.bits}{weights}, execution={self.execution}"
 
 
 class DynamicQConv2d(_DynamicMixin, _ConvOp):
@@ -368,10 +394,11 @@ class DynamicQConv2d(_DynamicMixin, _ConvOp):
         signed_input: bool,
         share: bool = False,
         execution: str = "fast",
+        weight_bits: int | None = None,
     ) -> DynamicQConv2d:
         layer = cls(**_conv_kwargs(conv), device=conv.weight.device, dtype=conv.weight.dtype)
         _copy_params(layer, conv)
-        layer._setup(method, bits, signed_input, share, execution)
+        layer._setup(method, bits, signed_input, share, execution, weight_bits)
         return layer
 
 
@@ -387,10 +414,11 @@ class DynamicQLinear(_DynamicMixin, _LinearOp):
         signed_input: bool,
         share: bool = False,
         execution: str = "fast",
+        weight_bits: int | None = None,
     ) -> DynamicQLinear:
         layer = cls(**_linear_kwargs(lin), device=lin.weight.device, dtype=lin.weight.dtype)
         _copy_params(layer, lin)
-        layer._setup(method, bits, signed_input, share, execution)
+        layer._setup(method, bits, signed_input, share, execution, weight_bits)
         return layer
 
 

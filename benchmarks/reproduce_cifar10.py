@@ -220,15 +220,18 @@ def static_seed_plan(runs: list[dict], out: Path, seeds: list[int]) -> list[dict
     return plans
 
 
-def weights4_static_plan(runs: list[dict], out: Path) -> list[dict]:
-    """PACT static with 4-bit weights and 2- or 3-bit activations, all else as the main
-    table's: with pact_static4, the static line that ``weights4`` DQ runs compare with."""
+def weights4_static_plan(runs: list[dict], out: Path, seeds: list[int]) -> list[dict]:
+    """PACT static with 4-bit weights and 2- or 3-bit activations once per QAT seed, all else
+    as the main table's: with pact_static4 (and pact_static4_seed<s>), the static line that
+    ``weights4`` DQ runs compare with."""
     base = next(r for r in runs if r["name"] == "pact_static4")
     plans = []
-    for bits in WEIGHTS4_STATIC:
-        name = f"pact_static{bits}_w4"
-        quant = {**base["quant"], "bits": [bits], "weight_bits": 4}
-        plans.append({**base, "name": name, "out": str(out / name), "quant": quant})
+    for seed in seeds:
+        for bits in WEIGHTS4_STATIC:
+            name = f"pact_static{bits}_w4" + (f"_seed{seed}" if seed else "")
+            quant = {**base["quant"], "bits": [bits], "weight_bits": 4}
+            run = {**base, "name": name, "out": str(out / name), "quant": quant, "seed": seed}
+            plans.append(run)
     return plans
 
 
@@ -406,9 +409,11 @@ def main() -> None:
     )
     p.add_argument(
         "--weights4-static",
-        action="store_true",
-        help="then PACT static with 4-bit weights and 2- or 3-bit activations (the static "
-        "line of the weights4 lever)",
+        nargs="*",
+        type=int,
+        metavar="SEED",
+        help="then PACT static with 4-bit weights and 2- or 3-bit activations once per given "
+        "QAT seed (none given: seed 0), the static line of the weights4 lever",
     )
     p.add_argument(
         "--ablations",
@@ -421,7 +426,7 @@ def main() -> None:
         p.error("--learn starts from a trained full-precision model: give --fp-init PATH")
     if args.levers is not None and "pact" not in args.methods:
         p.error("--levers varies the PACT DQ run: include pact in --methods")
-    if args.weights4_static and "pact" not in args.methods:
+    if args.weights4_static is not None and "pact" not in args.methods:
         p.error("--weights4-static trains PACT static runs: include pact in --methods")
     if args.static_seeds and "pact" not in args.methods:
         p.error("--static-seeds trains PACT static runs: include pact in --methods")
@@ -452,8 +457,9 @@ def main() -> None:
         seeded = static_seed_plan(runs, args.out, args.static_seeds)
         seed_entries = run_all(seeded, args.progress, train)
     weights4_entries = []
-    if args.weights4_static:
-        weights4_entries = run_all(weights4_static_plan(runs, args.out), args.progress, train)
+    if args.weights4_static is not None:
+        fixed = weights4_static_plan(runs, args.out, args.weights4_static or [0])
+        weights4_entries = run_all(fixed, args.progress, train)
     (args.out / "cifar10.json").write_text(
         json.dumps(
             {"runs": machine_results([*entries, *lever_entries, *seed_entries, *weights4_entries])},
@@ -462,7 +468,7 @@ def main() -> None:
     )
     if weights4_entries:
         # 4-bit weights throughout: a line of its own, with the DQ runs that fix weights too.
-        static4 = [e for e in entries if e["name"] == "pact_static4"]
+        static4 = [e for e in [*entries, *seed_entries] if e["name"].startswith("pact_static4")]
         fixed = [e for e in lever_entries if e.get("weight_bits") == 4]
         table = format_table([*weights4_entries, *static4, *fixed])
         print(table)

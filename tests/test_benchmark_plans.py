@@ -121,10 +121,15 @@ def test_weights4_static_plan_changes_only_the_activation_bits(tmp_path):
     runs = script.plan(
         tmp_path / "data", tmp_path / "out", "learn", ["pact"], None, tmp_path / "fp.pt"
     )
-    fixed = script.weights4_static_plan(runs, tmp_path / "out")
-    assert [r["name"] for r in fixed] == ["pact_static2_w4", "pact_static3_w4"]
+    fixed = script.weights4_static_plan(runs, tmp_path / "out", [0, 1])
+    assert [r["name"] for r in fixed] == [
+        "pact_static2_w4",
+        "pact_static3_w4",
+        "pact_static2_w4_seed1",
+        "pact_static3_w4_seed1",
+    ]
     base = config.from_dict(next(r for r in runs if r["name"] == "pact_static4")).to_dict()
-    for raw, bits in zip(fixed, (2, 3), strict=True):
+    for raw, bits, seed in zip(fixed, (2, 3, 2, 3), (0, 0, 1, 1), strict=True):
         cfg = config.from_dict(raw).to_dict()
         diff = {
             (section, key)
@@ -135,10 +140,9 @@ def test_weights4_static_plan_changes_only_the_activation_bits(tmp_path):
         }
         assert diff == {("quant", "bits"), ("quant", "weight_bits")}
         assert cfg["quant"]["bits"] == [bits] and cfg["quant"]["weight_bits"] == 4
-        assert {k for k in cfg if not isinstance(cfg[k], dict) and cfg[k] != base[k]} == {
-            "name",
-            "out",
-        }
+        changed = {k for k in cfg if not isinstance(cfg[k], dict) and cfg[k] != base[k]}
+        assert changed == {"name", "out"} | ({"seed"} if seed else set())
+        assert cfg["seed"] == seed
 
 
 def test_ablations_without_pact_stop_before_any_training(tmp_path, monkeypatch, capsys):

@@ -12,6 +12,7 @@ import torch
 
 import instaquant as iq
 from helpers import assert_models_match, dynamic_resnet20, varied_images
+from instaquant import report
 from instaquant.config import ConfigError, from_dict
 from instaquant.quant.functional import dorefa_weight
 
@@ -115,3 +116,13 @@ def test_bad_weight_bits_are_refused_in_one_line():
         from_dict({"quant": {"weight_bits": 4, "separate": True}})
     with pytest.raises(ConfigError, match="'quant.weight_bits': 0 must be null or an integer"):
         from_dict({"quant": {"weight_bits": 0}})
+
+
+def test_tables_and_labels_name_the_fixed_weights():
+    model = _w4()
+    table = iq.cost.profile(model, torch.randn(*X16)).to_table()
+    assert "layer2.0.conv1" in table and "2,3,4 (weights 4)" in table
+    assert "32 (fp)" in table  # the full-precision first and last layers keep theirs
+    run = {"recipe": "static", "method": "pact", "bits": [3], "weight_bits": 4}
+    assert report._label(run) == "pact static W4 A3"
+    assert report._label({**run, "weight_bits": None}) == "pact static 3-bit"

@@ -379,7 +379,7 @@ class DynamicQuantModel(QuantModel):
         self.register_buffer(
             "candidate_weight_bits", torch.tensor(weight_bits, dtype=torch.int64), persistent=False
         )
-        static_bitops = sum(i.bitops_at(i.bits[0]) for i in layers if i.role == "static")
+        static_bitops = int(sum(i.bitops_at(i.bits[0]) for i in layers if i.role == "static"))
         self.register_buffer("static_part_bitops", torch.tensor(static_bitops, dtype=torch.int64))
         macs = [i.macs for i in layers if i.role == "dynamic"]
         self.register_buffer("dynamic_macs", torch.tensor(macs, dtype=torch.int64))

@@ -49,6 +49,23 @@ def test_quick_plan_and_ablations_are_valid_configs(tmp_path):
     assert len({c.out for c in (*cfgs.values(), *extra.values())}) == len(cfgs) + len(extra)
 
 
+def _config_diff(cfg: dict, base: dict) -> set[tuple[str, str]]:
+    """``(section, key)`` of every value two resolved configs differ in (top-level keys as
+    section ``run``), their names and output folders aside."""
+    diff = {
+        (section, key)
+        for section, values in cfg.items()
+        if isinstance(values, dict)
+        for key in values
+        if values[key] != base[section][key]
+    }
+    return diff | {
+        ("run", key)
+        for key, value in cfg.items()
+        if key not in ("name", "out") and not isinstance(value, dict) and value != base[key]
+    }
+
+
 def test_learn_plan_starts_from_the_given_model_and_levers_change_one_thing(tmp_path):
     script = _script()
     fp = tmp_path / "fp.pt"
@@ -73,18 +90,7 @@ def test_learn_plan_starts_from_the_given_model_and_levers_change_one_thing(tmp_
     base = config.from_dict(next(r for r in runs if r["name"] == "pact_dq_budget3")).to_dict()
     for raw in levers:
         changed = config.from_dict(raw).to_dict()
-        diff = {
-            (section, key)
-            for section, values in changed.items()
-            if isinstance(values, dict)
-            for key in values
-            if values[key] != base[section][key]
-        }
-        diff |= {
-            ("run", key)
-            for key, value in changed.items()
-            if key not in ("name", "out") and not isinstance(value, dict) and value != base[key]
-        }
+        diff = _config_diff(changed, base)
         parts = raw["name"].removeprefix("pact_dq_budget3_").split("+")
         expected = {(s, k) for p in parts for s, kv in script.LEVERS[p].items() for k in kv}
         if "controller1" in parts:  # its controller-only epoch follows the schedule's six
@@ -131,18 +137,12 @@ def test_weights4_static_plan_changes_only_the_activation_bits(tmp_path):
     base = config.from_dict(next(r for r in runs if r["name"] == "pact_static4")).to_dict()
     for raw, bits, seed in zip(fixed, (2, 3, 2, 3), (0, 0, 1, 1), strict=True):
         cfg = config.from_dict(raw).to_dict()
-        diff = {
-            (section, key)
-            for section, values in cfg.items()
-            if isinstance(values, dict)
-            for key in values
-            if values[key] != base[section][key]
-        }
-        assert diff == {("quant", "bits"), ("quant", "weight_bits")}
+        expected = {("quant", "bits"), ("quant", "weight_bits")} | (
+            {("run", "seed")} if seed else set()
+        )
+        assert _config_diff(cfg, base) == expected
         assert cfg["quant"]["bits"] == [bits] and cfg["quant"]["weight_bits"] == 4
-        changed = {k for k in cfg if not isinstance(cfg[k], dict) and cfg[k] != base[k]}
-        assert changed == {"name", "out"} | ({"seed"} if seed else set())
-        assert cfg["seed"] == seed
+        assert cfg["seed"] == seed and cfg["out"] == str(tmp_path / "out" / raw["name"])
 
 
 def test_ablations_without_pact_stop_before_any_training(tmp_path, monkeypatch, capsys):

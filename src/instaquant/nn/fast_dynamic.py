@@ -268,7 +268,7 @@ def mixture_forward(
     if plan_w is None:
         return layer.reference_forward(x, sel_w, sel_a, joint)
     K = len(layer.bits)
-    ws = [layer.wq(layer.weight, k) for k in range(K)]
+    ws = layer.candidate_weights()
     if joint:
         vals, rows = _joint_inputs(layer, x, plan_w)
     else:

@@ -332,6 +332,13 @@ class _DynamicMixin(_WeightCache):
         xq = indexed_activation(self.aq, x, k_a)
         return self.per_sample_op(xq, self.stacked_weights().index_select(0, k_w))
 
+    def candidate_weights(self) -> list[Tensor]:
+        """Every candidate's quantized weight, with autograd (a forward that may train); with
+        fixed ``weight_bits`` one quantization, the same tensor for every candidate."""
+        if self.weight_bits is not None:
+            return [self.wq(self.weight, 0)] * len(self.bits)
+        return [self.wq(self.weight, k) for k in range(len(self.bits))]
+
     def _needs_grad(self, x: Tensor, sel_w: Tensor, sel_a: Tensor) -> bool:
         """Whether autograd may ask this call for gradients (routing alone cannot give them all)."""
         if not torch.is_grad_enabled():
@@ -342,18 +349,18 @@ class _DynamicMixin(_WeightCache):
 
     def reference_forward(self, x: Tensor, sel_w: Tensor, sel_a: Tensor, joint: bool) -> Tensor:
         """The straight-through mixture over all K branches (paper / official code)."""
-        K = len(self.bits)
+        K, weights = len(self.bits), self.candidate_weights()
         if joint:
             out = None
             for k in range(K):
-                y = self.op(self.aq(x, k), self.wq(self.weight, k))
+                y = self.op(self.aq(x, k), weights[k])
                 term = _broadcast(sel_w[:, k], y) * y
                 out = term if out is None else out + term
             return out
         x_mix = sum(_broadcast(sel_a[:, j], x) * self.aq(x, j) for j in range(K))
         out = None
         for i in range(K):
-            y = self.op(x_mix, self.wq(self.weight, i))
+            y = self.op(x_mix, weights[i])
             term = _broadcast(sel_w[:, i], y) * y
             out = term if out is None else out + term
         return out

@@ -70,7 +70,9 @@ FIRST_STATIC, LAST_STATIC = (3, 4), (2, 5)
 # ``controller1`` adds one epoch that trains only the controller, on the frozen network;
 # ``weights4`` fixes every weight at 4 bits, so the candidates and the budget are activation
 # bits and BitOPs grow linearly with them (the 3-bit budget is then 0.75x static 4-bit), and
-# ``budget_a288`` with it aims at 0.72x (4 · 2.88 / 16), as budget070 leaves room to overshoot.
+# ``budget_a288`` with it aims at 0.72x (4 · 2.88 / 16), as budget070 leaves room to overshoot,
+# ``budget_a297`` at 0.7425x, as budget075 just inside the 0.75x edge;
+# ``weights3`` fixes them at 3 bits, so its 3-bit budget is exactly static 3-bit's BitOPs.
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "grid4": {"quant": {"controller_grid": 4}},
     "stats": {"quant": {"controller_stats": True}},
@@ -86,7 +88,9 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "rank": {"budget": {"rank_weight": 1.0}},
     "controller1": {"quant": {"controller_epochs": 1}},
     "weights4": {"quant": {"weight_bits": 4}},
+    "weights3": {"quant": {"weight_bits": 3}},
     "budget_a288": {"budget": {"target_bits": 2.88}},
+    "budget_a297": {"budget": {"target_bits": 2.97}},
 }
 # The static line of ``weights4``: weights at 4 bits, activations at these (4 is pact_static4).
 WEIGHTS4_STATIC = (2, 3)

@@ -14,6 +14,7 @@ import instaquant as iq
 from helpers import assert_models_match, dynamic_resnet20, varied_images
 from instaquant import report
 from instaquant.config import ConfigError, from_dict
+from instaquant.cost import profile
 from instaquant.quant.functional import dorefa_weight
 
 X16 = (1, 3, 16, 16)
@@ -126,3 +127,22 @@ def test_tables_and_labels_name_the_fixed_weights():
     run = {"recipe": "static", "method": "pact", "bits": [3], "weight_bits": 4}
     assert report._label(run) == "pact static W4 A3"
     assert report._label({**run, "weight_bits": None}) == "pact static 3-bit"
+
+
+def test_relative_bitops_are_to_the_static_model_with_weights_at_the_reference_bits():
+    # With weights fixed at 3 bits the reference stays static 4-bit (W4A4), not W3A4: a W3A3
+    # model is 0.5625x of it, as static 3-bit is.
+    fp = iq.models.resnet20(num_classes=10)
+    x = torch.randn(*X16)
+    w4a4, w3a3 = iq.static(fp, "pact", 4, x), iq.static(fp, "pact", 3, x)
+    fixed = iq.static(fp, "pact", 3, x, weight_bits=3)
+    spec = iq.DynamicSpec(
+        method="pact", bits=(2, 3, 4), weight_bits=3, budget=iq.Budget(target_bits=3)
+    )
+    dq = iq.dynamic(fp, spec, example_input=x)
+    static4 = float(w4a4.bitops_per_sample)
+    for model in (fixed, dq, w3a3):
+        assert model.static_bitops(4) == static4
+    assert float(fixed.bitops_per_sample) == float(w3a3.bitops_per_sample)
+    assert dq.budget_target() == float(w3a3.bitops_per_sample)  # activations at 3 bits, W3
+    assert profile(dq, x).reference_bitops(4) == static4  # `instaquant profile`'s reference

@@ -280,7 +280,7 @@ def _cost(args: argparse.Namespace) -> None:
     prof = profile(model, example_input(info))
     print(prof.to_table())
     if cfg.recipe != "fp":
-        ref = prof.bitops(cfg.ref_bits)
+        ref = prof.reference_bitops(cfg.ref_bits)
         print(f"static {cfg.ref_bits}-bit reference: {ref:.4g} BitOPs per image")
 
 

@@ -27,9 +27,9 @@ from .cost import (
     LayerInfo,
     ProbeResult,
     Profile,
-    bitops_at,
     controller_cost,
     probe,
+    reference_bitops_at,
 )
 from .nn.attention import split_attention
 from .nn.layers import EXECUTIONS, DynamicQConv2d, DynamicQLinear, QConv2d, QLinear
@@ -329,9 +329,10 @@ class QuantModel(nn.Module):
     def dynamic_layers(self) -> list[LayerInfo]:
         return [i for i in self.layers if i.role == "dynamic"]
 
-    def static_bitops(self, bits: float) -> float:
-        """BitOPs of the same layers quantized statically at ``bits`` (the usual reference)."""
-        return bitops_at(self.layers, bits)
+    def static_bitops(self, bits: int) -> float:
+        """BitOPs of the same layers quantized statically at ``bits``, weights and activations
+        alike, fixed ``weight_bits`` or not: the reference of relative BitOPs."""
+        return reference_bitops_at(self.layers, bits)
 
     @property
     def bitops_convention(self) -> str:

@@ -9,7 +9,7 @@ are not counted in BitOPs; their MACs are reported separately. Quantized matrix 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -155,6 +155,14 @@ def bitops_at(layers: list[LayerInfo], bits: float) -> float:
     return float(sum(info.bitops_at(bits) for info in layers if info.role != "fp"))
 
 
+def reference_bitops_at(layers: list[LayerInfo], bits: int) -> float:
+    """BitOPs of the same layers quantized statically at ``bits`` for weights and activations
+    alike (pinned layers at theirs): the static reference that relative BitOPs are given
+    against, the same whether or not ``weight_bits`` fixes these layers' weights."""
+    joint = [replace(info, weight_bits=None) for info in layers]
+    return bitops_at(joint, bits)
+
+
 @dataclass
 class Budget:
     """Compute budget and its hinge regularizer ``weight · max(0, cost − target)``.
@@ -219,8 +227,9 @@ class Profile:
     tap: str | None = None  # the controller's tap module and why it was chosen
     convention: str = BITOPS_CONVENTION
 
-    def bitops(self, bits: float) -> float:
-        return bitops_at(self.layers, bits)
+    def reference_bitops(self, bits: int) -> float:
+        """The static ``bits``-bit reference of these layers (:func:`reference_bitops_at`)."""
+        return reference_bitops_at(self.layers, bits)
 
     def to_table(self) -> str:
         head = f"{'layer':<32} {'kind':<8} {'MACs':>12} {'params':>10}  bits"

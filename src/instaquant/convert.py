@@ -85,6 +85,7 @@ class DynamicSpec:
             bit-width, so that ``bits``, ``fixed_bits`` and the budget's ``target_bits``
             name activation bits only and a layer's BitOPs grow linearly with its choice
             (layers pinned at 8 bits keep theirs); None: weights at the chosen bits too.
+            Relative BitOPs stay relative to static b-bit with weights at b too.
         share (bool, False): one learned clip/step shared by all candidates of a layer.
         signed (dict[str, bool], {}): per-layer override of the signed-activation detection.
         hidden (int, 128): width of the controller's hidden layer.

@@ -15,6 +15,7 @@ from helpers import assert_models_match, dynamic_resnet20, varied_images
 from instaquant import report
 from instaquant.config import ConfigError, from_dict
 from instaquant.cost import profile
+from instaquant.headroom import measure_headroom
 from instaquant.quant.functional import dorefa_weight
 
 X16 = (1, 3, 16, 16)
@@ -146,3 +147,17 @@ def test_relative_bitops_are_to_the_static_model_with_weights_at_the_reference_b
     assert float(fixed.bitops_per_sample) == float(w3a3.bitops_per_sample)
     assert dq.budget_target() == float(w3a3.bitops_per_sample)  # activations at 3 bits, W3
     assert profile(dq, x).reference_bitops(4) == static4  # `instaquant profile`'s reference
+
+
+def test_the_layer_policy_records_the_fixed_weight_bits():
+    model = _w4()
+    x = varied_images(8).float()
+    loader = [(x, torch.arange(8) % 10)]
+    room = measure_headroom(model, loader, ref_bits=4)
+    bits_w, bits_a = room.policy_bits
+    L = len(model.dynamic_layers)
+    assert bits_w == [4] * L  # the weights, not the chosen candidate
+    assert len(bits_a) == L and set(bits_a) <= {2, 3, 4}
+    with model.forced_bits(bits_a), torch.no_grad():  # the policy's candidates run it again
+        model.eval()(x)
+    assert float(model.last.bitops[0]) == room.policy_bitops

@@ -253,10 +253,20 @@ def measure_headroom(
         controller_bitops=torch.cat(ctrl_bitops),
         fp_loss=torch.cat(fp_loss) if fp_loss else None,
         confidence=torch.cat(confidence),
-        policy_bits=None if policy is None else [list(bits) for bits in policy],
+        policy_bits=None if policy is None else _as_bits(policy, model.spec.weight_bits),
         policy_right=torch.cat(policy_right) if policy_right else None,
         policy_bitops=policy_bitops,
     )
+
+
+def _as_bits(policy: tuple[list[int], list[int]], weight_bits: int | None) -> list[list[int]]:
+    """A policy as [bits_w, bits_a] per layer, for the record: with ``weight_bits`` fixed the
+    candidate names the activation bits only, and the weights are at ``weight_bits``."""
+    chosen_w, chosen_a = policy
+    return [
+        list(chosen_w) if weight_bits is None else [weight_bits] * len(chosen_w),
+        list(chosen_a),
+    ]
 
 
 def majority_policy(choices: Tensor, bits: tuple[int, ...]) -> tuple[list[int], list[int]]:

@@ -169,3 +169,39 @@ def test_line_at_is_piecewise_linear_and_flat_beyond_its_ends():
     assert line_at(points, 0.5) == 60.0 and line_at(points, 9.0) == 80.0
     assert line_at(points, 1.5) == 65.0 and line_at(points, 3.0) == 75.0
     assert line_at(points, 2.0) == 70.0
+
+
+def test_cascade_by_hand():
+    # Confidence at the cheapest candidate: image 3 least sure, then 1, 2, 0, 4.
+    conf = torch.tensor(
+        [[0.9, 0.5, 0.5], [0.6, 0.5, 0.5], [0.7, 0.5, 0.5], [0.3, 0.5, 0.5], [0.95, 0.5, 0.5]]
+    )
+    h = _hand_example()
+    h.confidence, h.shared_bitops = conf.double(), 1.0
+    # 4 + share * (16 - 1) = 7 -> a fifth again at 4 bits: image 3, right there; the rest
+    # keep their 2-bit answers (images 0, 2, 4 right): 80%.
+    assert h.cascade(7.0, (0, 2)) == (pytest.approx(80.0, abs=1e-12), pytest.approx(0.2))
+    # 4 + share * 15 = 10 -> two fifths (images 3 and 1) again: image 1 is right at 4 bits too.
+    assert h.cascade(10.0, (0, 2))[0] == pytest.approx(100.0, abs=1e-12)
+    # Below the first pass nothing runs again; the share never exceeds one.
+    assert h.cascade(2.0, (0, 2)) == (pytest.approx(60.0), 0.0)
+    assert h.cascade(100.0, (0, 2)) == (pytest.approx(80.0), 1.0)
+    h.confidence = None
+    with pytest.raises(ValueError, match="confidence"):
+        h.cascade(7.0, (0, 2))
+
+
+def test_a_cascade_shares_only_the_static_layers_before_the_tap():
+    model = dynamic_resnet20().eval()
+    x, L = varied_images(4), len(model.dynamic_layers)
+    taps = []
+    model.model.get_submodule(model.spec.tap).register_forward_hook(lambda m, i, o: taps.append(o))
+    for b in model.spec.bits:  # what a second pass would reuse is the same at every candidate
+        with torch.no_grad(), model.forced_bits([b] * L):
+            model(x)
+    assert all(torch.equal(taps[0], t) for t in taps[1:])
+    room = measure_headroom(model, [(x, torch.arange(4))], ref_bits=4)
+    before = [i for i in model.layers if i.before_tap and i.role == "static"]
+    shared = sum(i.bitops_at(i.bits[0]) for i in before)
+    assert before and room.shared_bitops == pytest.approx(shared)
+    assert 0 < room.shared_bitops < float(room.uniform_bitops[0])

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .config import UserError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from torch import nn
 
 
 def _at_least_one(what: str):
@@ -25,6 +31,13 @@ def _at_least_one(what: str):
         return value
 
     return parse
+
+
+BITS_HELP = (
+    "a DQ run with fixed bits and no controller: 'policy' (each dynamic layer's most "
+    "frequent choice on the test images), one candidate for every layer, or one per layer "
+    "(3,3,2,4,...)"
+)
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -64,6 +77,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     e.add_argument("--data", help="dataset name (digits, cifar10, cifar100, imagefolder)")
     e.add_argument("--root", help="dataset root folder")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--bits", help=BITS_HELP)
 
     c = sub.add_parser("compare", help="table and accuracy-vs-BitOPs plot of runs")
     c.add_argument("runs", nargs="+", help="run folders (or summary.json files)")
@@ -81,6 +95,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "export",
         help="export a run's quantized model (controller inside) as ONNX or torch.export",
     )
+    x.add_argument("--bits", help=BITS_HELP + "; the graph then holds no controller")
     x.add_argument("checkpoint", help="a run folder (its best.pt, else last.pt) or a .pt file")
     x.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
     x.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
@@ -158,7 +173,8 @@ def _export(args: argparse.Namespace) -> None:
     if not isinstance(model, QuantModel):
         raise UserError(f"{args.checkpoint!r} is a full-precision run: nothing quantized to export")
     example = example_input(extra["info"])[:1].expand(args.batch, -1, -1, -1).contiguous()
-    path = export(model.cpu(), example, args.out, args.format)
+    with _fixed_bits(args, model, extra["test_loader"]):
+        path = export(model.cpu(), example, args.out, args.format)
     print(
         f"wrote {path} ({args.format}): input images {list(example.shape)}, "
         f"outputs {', '.join(OUTPUT_NAMES)}"
@@ -175,7 +191,8 @@ def _eval(args: argparse.Namespace) -> None:
     if args.root:
         overrides.append(f"data.root={args.root}")
     cfg, model, extra = load_for_eval(args.checkpoint, overrides)
-    result = evaluate(model, extra["test_loader"], cfg.ref_bits, progress=True)
+    with _fixed_bits(args, model, extra["test_loader"]):
+        result = evaluate(model, extra["test_loader"], cfg.ref_bits, progress=True)
     m = {k: v for k, v in result.metrics.items() if k != "candidate_fraction"}
     recorded = extra["ckpt"].get("metrics", {}).get("test_top1")
     if args.json:
@@ -197,6 +214,27 @@ def _eval(args: argparse.Namespace) -> None:
         print("share of images per candidate (" + ", ".join(f"{b}-bit" for b in bits) + "):")
         for name, row in zip(names, fraction, strict=True):
             print(f"  {name:<32} " + "  ".join(f"{100 * v:5.1f}%" for v in _flat(row, len(bits))))
+
+
+def _fixed_bits(
+    args: argparse.Namespace, model: nn.Module, batches: Iterable
+) -> contextlib.AbstractContextManager:
+    """The model at ``--bits`` (printed, layer by layer), or as it is when none is given."""
+    from .convert import DynamicQuantModel
+    from .policy import describe, resolve_bits
+
+    if args.bits is None:
+        return contextlib.nullcontext()
+    if not isinstance(model, DynamicQuantModel):
+        raise UserError(
+            f"--bits fixes the bits of a DQ run, and {args.checkpoint!r} is not one "
+            "(a static or full-precision run has its bits already)"
+        )
+    bits = resolve_bits(args.bits, model, batches)
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout  # keep --json parseable
+    text = f"every image at fixed bits ({args.bits}), no controller:\n{describe(bits, model)}"
+    print(text, file=stream)
+    return model.forced_bits(*bits)
 
 
 def _flat(row: list, k: int) -> list[float]:

@@ -23,6 +23,10 @@ correctly:
   the full-precision model's loss or the cheapest candidate's confidence as the score, it is
   what a controller that ranked images exactly as that signal does could buy at that level
   (a random order gives the front, on average): the ceiling of the signal, not of training.
+- *cascade*: every image first runs at a cheap candidate; the least confident share runs
+  again at a dearer one, from the tap on (the layers before it are static, their output is
+  kept), and takes that answer. Unlike a ranked allocation it pays for both passes, so it is
+  something a deployment could do, with the share set by the BitOPs level.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Headroom:
     policy_bits: list[list[int]] | None = None  # the layer policy: [bits_w, bits_a] per layer
     policy_right: Tensor | None = None  # [N] bool: the layer policy classifies image n
     policy_bitops: float | None = None  # BitOPs of one image under the layer policy
+    shared_bitops: float = 0.0  # BitOPs of the static layers before the tap, run once per image
 
     @property
     def n(self) -> int:
@@ -116,6 +121,23 @@ class Headroom:
         pairs = pairs or [(0, 1) if bitops < xs[0] else (K - 2, K - 1)]
         top1, (lo, hi) = max((self.ranked(score, bitops, p), p) for p in pairs)
         return top1, [self.candidates[lo], self.candidates[hi]]
+
+    def cascade(self, bitops: float, pair: tuple[int, int]) -> tuple[float, float]:
+        """Top-1 and escalated share of a cascade at mean BitOPs ``bitops``: every image at
+        candidate index ``pair[0]``, then the least confident share there (by its top softmax
+        probability; ties keep image order) again at ``pair[1]`` from the tap on, costing
+        that candidate's BitOPs less :attr:`shared_bitops`. The share is clipped to 0..1."""
+        if self.confidence is None:
+            raise ValueError("a cascade needs each candidate's confidence (measure_headroom)")
+        lo, hi = pair
+        xs = self.uniform_bitops.double()
+        second = float(xs[hi]) - self.shared_bitops
+        share = min(max((bitops - float(xs[lo])) / second, 0.0), 1.0) if second > 0 else 0.0
+        n_again = round(share * self.n)
+        order = torch.sort(self.confidence[:, lo].double(), stable=True).indices
+        at = torch.full((self.n,), lo, dtype=torch.long)
+        at[order[:n_again]] = hi
+        return 100.0 * float(self.right.gather(1, at[:, None]).double().mean()), n_again / self.n
 
     def ranked_top1(self, bitops: float) -> dict[str, dict[str, Any]]:
         """:meth:`best_ranked` at ``bitops`` for each difficulty signal this measurement holds."""
@@ -256,6 +278,15 @@ def measure_headroom(
         policy_bits=None if policy is None else _as_bits(policy, model.spec.weight_bits),
         policy_right=torch.cat(policy_right) if policy_right else None,
         policy_bitops=policy_bitops,
+        shared_bitops=_before_tap_bitops(model),
+    )
+
+
+def _before_tap_bitops(model: DynamicQuantModel) -> float:
+    """BitOPs of the quantized layers before the tap: their output is the same at every
+    candidate, so a second pass starts after them (a pinned last layer reruns)."""
+    return float(
+        sum(i.bitops_at(i.bits[0]) for i in model.layers if i.role == "static" and i.before_tap)
     )
 
 

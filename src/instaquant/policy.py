@@ -1,0 +1,81 @@
+"""Fixed bits for a DQ model: every image at one bit-width per dynamic layer, no controller.
+
+DQ training under a BitOPs budget finds a per-layer mix of bits, and on CIFAR-10 ResNet-20
+nearly all of its gain over static quantization is that mix (docs/results.md). These helpers
+name such an assignment: the *layer policy* (each dynamic layer's most frequent choice of the
+controller over a set of images; no labels needed), one candidate for every layer, or one
+candidate per layer. The model runs it through
+:meth:`~instaquant.convert.DynamicQuantModel.forced_bits`, in evaluation and in export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .convert import DynamicQuantModel
+from .errors import UserError
+from .headroom import majority_policy
+
+Bits = tuple[list[int], list[int]]  # (weight bits, activation bits) per dynamic layer
+
+
+@torch.no_grad()
+def layer_policy(
+    model: DynamicQuantModel, batches: Iterable[tuple[Tensor, Tensor]], progress: bool = False
+) -> Bits:
+    """Each dynamic layer's most frequent choice of the controller on ``batches`` (their
+    labels are not read), as candidate bit-widths for :meth:`forced_bits`."""
+    was_training = model.training
+    model.eval()
+    counts: Tensor | None = None  # [L, K] (or [L, 2, K]) choices per candidate
+    try:
+        for x, _ in tqdm(
+            batches, desc="layer policy", leave=False, disable=None if progress else True
+        ):
+            model(x)
+            chosen = model.last.selection.sum(0).double().cpu()
+            counts = chosen if counts is None else counts + chosen
+    finally:
+        model.train(was_training)
+    if counts is None:
+        raise UserError("the layer policy needs images, and the evaluation set is empty")
+    return majority_policy(counts, model.spec.bits)
+
+
+def parse_bits(text: str, model: DynamicQuantModel) -> Bits | None:
+    """``--bits`` as given on the command line: None for ``policy`` (to be measured), else
+    one candidate for every dynamic layer (``3``) or one per layer (``3,3,2,4,...``)."""
+    if text == "policy":
+        return None
+    L, candidates = len(model.dynamic_layers), model.spec.bits
+    allowed = (
+        f"allowed: policy, one of the candidates {', '.join(map(str, candidates))}, or {L} "
+        "comma-separated candidates (one per dynamic layer)"
+    )
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and int(p) in candidates for p in parts) or len(parts) not in (1, L):
+        raise UserError(f"--bits {text!r} is not an assignment of this model's bits; {allowed}")
+    bits = [int(p) for p in parts] * (L if len(parts) == 1 else 1)
+    return bits, list(bits)
+
+
+def resolve_bits(
+    text: str, model: DynamicQuantModel, batches: Iterable[tuple[Tensor, Tensor]]
+) -> Bits:
+    """``--bits`` resolved: :func:`parse_bits`, with ``policy`` measured on ``batches``."""
+    return parse_bits(text, model) or layer_policy(model, batches, progress=True)
+
+
+def describe(bits: Bits, model: DynamicQuantModel) -> str:
+    """One line per dynamic layer: its name and bits (weights/activations where they differ,
+    with fixed weight bits shown as the weights')."""
+    fixed = model.spec.weight_bits
+    lines = []
+    for info, w, a in zip(model.dynamic_layers, *bits, strict=True):
+        w = fixed if fixed is not None else w
+        lines.append(f"  {info.name:<32} W{w}A{a}")
+    return "\n".join(lines)

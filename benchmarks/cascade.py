@@ -1,12 +1,14 @@
 """A cascade on the cheap candidate's confidence, against a DQ run's controller.
 
-For each DQ run's ``best.pt``, on its test set: every image runs at a cheap uniform candidate
-of the shared weights, and the least confident share runs again at a dearer one from the tap
-on (:meth:`instaquant.headroom.Headroom.cascade`), the share set so that the mean BitOPs,
-both passes counted, meets a level. The levels: the controller's own BitOPs, the static
-3-bit BitOPs and 0.75x static 4-bit's. Unlike the ranked allocations of
-``headroom_signals.py`` it pays for what it sees, so it is a rule a deployment could run; the
-share is set on the test images' confidences (no labels).
+For each DQ run's ``last.pt`` (the final model, whose figures its ``summary.json`` holds), on
+its test set: every image runs at a cheap uniform candidate of the shared weights, and the
+least confident share runs again at a dearer one from the tap on
+(:meth:`instaquant.headroom.Headroom.cascade`), the share set so that the mean BitOPs, both
+passes counted, meets a level. The levels: the controller's own BitOPs, the static 3-bit
+BitOPs and 0.75x static 4-bit's. Unlike the ranked allocations of ``headroom_signals.py`` it
+pays for what it sees, so it is a rule a deployment could run. The share is set on the test
+images' confidences (no labels); the pair of candidates is the best of those that fit, which
+does read the labels, so each figure is a slight overestimate.
 
     python benchmarks/cascade.py runs/reproduce_cifar10/pact_dq_budget3_* --out cascade.json
 """
@@ -40,7 +42,7 @@ def best_cascade(room: Headroom, bitops: float) -> dict:
 
 
 def measure(run: Path) -> dict:
-    cfg, model, _ = load_for_eval(run / "best.pt", [])
+    cfg, model, _ = load_for_eval(run / "last.pt", [])
     _, test_loader, _ = build_loaders(cfg.data, cfg.seed, torch.device("cpu"))
     room = measure_headroom(model, test_loader, cfg.ref_bits)
     s = room.summary()
@@ -61,7 +63,7 @@ def measure(run: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", type=Path, nargs="+", help="DQ run folders (best.pt)")
+    p.add_argument("runs", type=Path, nargs="+", help="DQ run folders (last.pt)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = p.parse_args()

@@ -20,8 +20,12 @@ def _batches(n=3, size=8):
     return [(varied_images(size, seed=s), torch.zeros(size, dtype=torch.long)) for s in range(n)]
 
 
-def test_one_candidate_or_one_per_layer():
-    model = dynamic_resnet20()
+@pytest.fixture(scope="module")
+def model():
+    return dynamic_resnet20()
+
+
+def test_one_candidate_or_one_per_layer(model):
     L = len(model.dynamic_layers)
     assert parse_bits("4", model) == ([4] * L, [4] * L)
     per_layer = [3, 5] * (L // 2) + [4] * (L % 2)
@@ -30,8 +34,7 @@ def test_one_candidate_or_one_per_layer():
 
 
 @pytest.mark.parametrize("text", ["2", "3,4", "four", "", "3.0", "-3"])
-def test_bits_that_are_no_assignment_are_refused_in_one_line(text):
-    model = dynamic_resnet20()
+def test_bits_that_are_no_assignment_are_refused_in_one_line(text, model):
     with pytest.raises(UserError) as err:
         parse_bits(text, model)
     message = str(err.value)

@@ -496,6 +496,19 @@ class DynamicQuantModel(QuantModel):
         finally:
             self._forced = outer  # nested: the enclosing forced bits apply again
 
+    def pin_forced_bits(self) -> None:
+        """For export at fixed bits (inside :meth:`forced_bits`): every dynamic layer and
+        candidate BatchNorm runs its forced candidate as a static layer would, so that a
+        frozen copy keeps one quantized weight per layer and no per-sample indexing."""
+        if self._forced is None:
+            raise RuntimeError("pin_forced_bits runs inside forced_bits")
+        index = self._forced.argmax(-1)  # [L] or, with separate bits, [L, 2]
+        for i, layer in enumerate(self.dynamic_modules()):
+            k_w, k_a = index[i].tolist() if self.spec.separate else [int(index[i])] * 2
+            layer.pin(k_w, k_a)
+        for i, bn in self.candidate_bn_modules():  # one choice per layer (no separate bits)
+            bn.__dict__["pinned"] = int(index[i])
+
     def _candidate_indices(self, bits: list[int]) -> list[int]:
         """Candidate indices of bit-widths given as numbers (ints, or whole floats such as
         the values of ``last.bits_w``); anything else is refused, not rounded."""

@@ -5,7 +5,9 @@ controller inside, each sample's candidate selected by indexing, every candidate
 quantized weight a constant. It returns the logits and, per image, the chosen bits
 ``[B, L]`` (weights and activations) and the BitOPs ``[B]``. Quantization stays simulated
 in floating point (quantize/dequantize per candidate); integer kernels are the runtime's.
-The graph takes inputs of the example's shape, batch size included.
+The graph takes inputs of the example's shape, batch size included. Exported inside
+:meth:`~.convert.DynamicQuantModel.forced_bits`, it is the static network at those bits:
+no controller, one quantized weight per layer.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def deployable(model: QuantModel, example_input: Tensor) -> WithCosts:
     frozen = copy.deepcopy(model).eval().requires_grad_(False)  # inference only
     if isinstance(frozen, DynamicQuantModel):
         frozen.set_execution("graph")
+        if frozen._forced is not None:  # inside forced_bits: a static graph at those bits
+            frozen.pin_forced_bits()
     try:
         with torch.no_grad():
             frozen(example_input)  # sets lazily initialised clips/steps, as evaluation would

@@ -125,7 +125,12 @@ class _WeightCache:
         """Candidate ``k``'s quantized weight, cached in evaluation mode."""
         frozen = self._buffers.get("frozen_weights")
         if frozen is not None:
-            return frozen[k]
+            pinned = self.__dict__.get("pinned")
+            if pinned is None:
+                return frozen[k]
+            if k != pinned[0]:
+                raise RuntimeError(f"layer pinned to weight candidate {pinned[0]}, asked for {k}")
+            return frozen[0]  # a pinned layer froze its one weight
         if self.training or torch.is_grad_enabled():
             self.drop_weight_cache()
             return self.wq(self.weight, k)
@@ -148,8 +153,10 @@ class _WeightCache:
         """Keep every candidate's quantized weight, stacked ``[K, ...]``, as a buffer (not
         saved in the state dict) that forwards use as is: the deployed form, whose graph
         holds the quantized weights as constants. ``train()`` drops it."""
+        pinned = self.__dict__.get("pinned")
+        keep = range(len(self.wq.bits)) if pinned is None else (pinned[0],)
         with torch.no_grad():
-            stacked = torch.stack([self.wq(self.weight, k) for k in range(len(self.wq.bits))])
+            stacked = torch.stack([self.wq(self.weight, k) for k in keep])
         self.register_buffer("frozen_weights", stacked, persistent=False)
 
     def stacked_weights(self) -> Tensor:
@@ -176,6 +183,7 @@ class _WeightCache:
         if mode:
             self.drop_weight_cache()
             self._buffers.pop("frozen_weights", None)
+            self.__dict__.pop("pinned", None)
         return super().train(mode)
 
 
@@ -318,9 +326,19 @@ class _DynamicMixin(_WeightCache):
             return self.indexed_forward(x, sel_w, sel_a, joint)
         return self.routed_forward(x, sel_w, sel_a)
 
+    def pin(self, k_w: int, k_a: int) -> None:
+        """Deployment at fixed bits: graph-static forwards run weight candidate ``k_w`` and
+        activation candidate ``k_a`` for every sample, as a static layer would, whatever the
+        selection says, and :meth:`freeze_weights` keeps that one weight. For frozen copies
+        that are exported, never trained (``train()`` unpins)."""
+        self.__dict__["pinned"] = (int(k_w), int(k_a))
+
     def indexed_forward(self, x: Tensor, sel_w: Tensor, sel_a: Tensor, joint: bool) -> Tensor:
         """Each sample's candidate selected by indexing (no data-dependent Python, no host
         sync): the graph-static form of routed inference, same values."""
+        pinned = self.__dict__.get("pinned")
+        if pinned is not None:  # fixed bits: one candidate, the static layer's operators
+            return self.op(self.aq.infer(x, pinned[1]), self.quantized_weight(pinned[0]))
         k_w = sel_w.argmax(-1)
         if joint and x.shape[0] == 1 and self.__dict__.get("branch_select"):
             # Export at batch 1: a branch per candidate with constant weights (ONNX If).

@@ -92,6 +92,9 @@ class SwitchableBatchNorm(nn.Module):
         return index
 
     def forward(self, x: Tensor) -> Tensor:
+        pinned = self.__dict__.get("pinned")
+        if pinned is not None and not self.training:  # fixed bits (export): one candidate's BN
+            return self.bns[pinned](x)
         index = self._index(x)
         if self.__dict__.get("indexed") and not self.training:
             # Graph-static execution (instaquant.nn.indexed): no host sync, one per-row affine.

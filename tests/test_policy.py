@@ -1,6 +1,7 @@
 """Fixed bits for a DQ model (layer policy, one candidate, one per layer): in eval and export."""
 
 import importlib.util
+import os
 import warnings
 
 import pytest
@@ -85,9 +86,15 @@ def test_an_export_at_fixed_bits_runs_the_policy_without_the_controller(tmp_path
     model = model.eval().float()
     bits = layer_policy(model, [(b.float(), y) for b, y in _batches()])
     x = varied_images(10, seed=7).float()
-    with torch.no_grad(), model.forced_bits(*bits):
-        expected = model(x)
-        path = export(model, x, tmp_path / "policy.pt2", "pt2")
+    previous = os.umask(0o022)
+    try:
+        with torch.no_grad(), model.forced_bits(*bits):
+            expected = model(x)
+            path = export(model, x, tmp_path / "policy.pt2", "pt2")
+    finally:
+        os.umask(previous)
+    # Written atomically with the usual permissions (umask 022 here), not mkstemp's 0600.
+    assert path.stat().st_mode & 0o777 == 0o644
     program = torch.export.load(path)
     logits, bits_w, bits_a, bitops = program.module()(x)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)

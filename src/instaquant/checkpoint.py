@@ -29,7 +29,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, "wb") as f:
             if isinstance(obj, str):
                 f.write(obj.encode("utf-8"))
@@ -80,11 +80,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def _umask() -> int:
-    """The process's file-creation mask (reading it means setting it; set it straight back)."""
+def default_file_mode() -> int:
+    """The mode a plain ``open`` would give a new file: 0o666 less the process's umask
+    (reading the umask means setting it; it is set straight back)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str) -> None:

@@ -205,7 +205,8 @@ def _eval(args: argparse.Namespace) -> None:
             f" {m['bitops_rel']:.3f}x of static {cfg.ref_bits}-bit; mean bits {m['bits_mean']:.2f}"
         )
     if recorded is not None:
-        line += f"\nrecorded at training: top1 {recorded:.2f}%"
+        chooser = "" if args.bits is None else ", with the controller choosing"
+        line += f"\nrecorded at training{chooser}: top1 {recorded:.2f}%"
     print(line)
     fraction = result.metrics.get("candidate_fraction")
     if fraction:

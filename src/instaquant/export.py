@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import default_file_mode
 from .convert import DynamicQuantModel, QuantModel
 from .errors import UserError
 from .nn.indexed import UnsupportedForGraphError
@@ -111,6 +112,7 @@ def export(
                 torch.export.save(program, tmp)
             else:
                 _onnx(wrapped, example_input, tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide the graph from others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -143,3 +143,23 @@ def test_training_run_on_cuda_and_its_checkpoint_on_cpu(tmp_path):
     # Different convolution kernels: a value on a quantizer's rounding boundary may move one
     # step, so a few predictions may differ, not the accuracy as a whole.
     assert abs(on_cpu["top1"] - on_gpu["top1"]) <= 3.0  # percent
+
+
+def test_a_layer_policy_found_on_cuda_exports_from_the_cpu(tmp_path):
+    # instaquant export --bits policy: the policy is measured where the model runs, then the
+    # model moves to the CPU inside forced_bits for the export.
+    from instaquant.export import export
+    from instaquant.policy import layer_policy
+
+    model = dynamic_resnet20("pact", candidate_bn=True, device=CUDA).float()
+    model.train()
+    model(varied_images(12, device=CUDA).float())
+    model.eval()
+    x = varied_images(8, seed=2, device=CUDA).float()
+    bits = layer_policy(model, [(x, None)])
+    with torch.no_grad(), model.forced_bits(*bits):
+        expected = model(x).cpu()
+        model.cpu()
+        path = export(model, x.cpu(), tmp_path / "policy.pt2", "pt2")
+    logits = torch.export.load(path).module()(x.cpu())[0]
+    assert torch.equal(logits.argmax(1), expected.argmax(1))

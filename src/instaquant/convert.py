@@ -442,7 +442,9 @@ class DynamicQuantModel(QuantModel):
 
     def _on_tap(self, module: nn.Module, inputs: tuple, out: Tensor) -> None:
         if self._forced is not None:
-            sel, logits = self._forced.to(out.dtype).expand(out.shape[0], *self._forced.shape), None
+            # .to(device): the model may have moved since forced_bits began (export's .cpu()).
+            forced = self._forced.to(device=out.device, dtype=out.dtype)
+            sel, logits = forced.expand(out.shape[0], *forced.shape), None
         elif self._random and self.training:
             K, shape = len(self.spec.bits), (out.shape[0], len(self._dynamic_names))
             shape += (2,) if self.spec.separate else ()

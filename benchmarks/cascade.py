@@ -23,22 +23,9 @@ import torch
 
 from instaquant.builder import load_for_eval
 from instaquant.data import build_loaders
-from instaquant.headroom import Headroom, measure_headroom
+from instaquant.headroom import measure_headroom
 
 LEVELS = (0.5625, 0.75)  # BitOPs relative to static 4-bit, besides the controller's own
-
-
-def best_cascade(room: Headroom, bitops: float) -> dict:
-    """The best cascade over the candidate pairs whose first pass fits ``bitops``."""
-    K, best = len(room.candidates), None
-    for lo in range(K - 1):
-        if float(room.uniform_bitops[lo]) > bitops:
-            continue
-        for hi in range(lo + 1, K):
-            top1, share = room.cascade(bitops, (lo, hi))
-            row = {"top1": top1, "again": share, "bits": [room.candidates[lo], room.candidates[hi]]}
-            best = row if best is None or top1 > best["top1"] else best
-    return best or {}
 
 
 def measure(run: Path) -> dict:
@@ -55,7 +42,7 @@ def measure(run: Path) -> dict:
         "layer_policy": [s.get("layer_policy_top1"), s.get("layer_policy_bitops_rel")],
         "shared_bitops_rel": room.shared_bitops / ref,
         "cascades": [
-            {"bitops_rel": rel, "front": room.front(rel * ref), **best_cascade(room, rel * ref)}
+            {"bitops_rel": rel, "front": room.front(rel * ref), **room.best_cascade(rel * ref)}
             for rel in levels
         ],
     }

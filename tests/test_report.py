@@ -515,5 +515,12 @@ def test_dq_report_gives_the_headroom_and_summary_agrees(runs):
     assert room["ranked_top1"]["fp_loss"] == recorded["ranked_top1"]["fp_loss"]
     fp_rank = room["ranked_top1"]["fp_loss"]
     assert f"the full-precision loss {fp_rank['top1']:.2f}%" in md
+    cascade = room["cascade"]  # at the controller's BitOPs, the best pair
+    assert (
+        cascade == recorded["cascade"]
+        and cascade["bitops_rel"] <= room["controller_bitops_rel"] + 1e-9
+    )
+    cheap, dear = cascade["bits"]
+    assert f"every image at {cheap}-bit" in md and f"| {cascade['top1']:.2f} |" in md
     static = json.loads(write_report(out / "static3")["json"].read_text())
     assert static["headroom"] is None  # one bit-width: nothing to choose between

@@ -139,6 +139,25 @@ class Headroom:
         at[order[:n_again]] = hi
         return 100.0 * float(self.right.gather(1, at[:, None]).double().mean()), n_again / self.n
 
+    def best_cascade(self, bitops: float) -> dict[str, Any]:
+        """The best :meth:`cascade` at ``bitops`` over the candidate pairs whose first pass
+        fits it: ``top1``, ``bits`` [cheap, dear], ``again`` (the share run twice) and
+        ``bitops_rel`` (both passes, to the reference); empty when even the cheapest
+        candidate costs more."""
+        K, best = len(self.candidates), {}
+        for lo in range(K - 1):
+            if float(self.uniform_bitops[lo]) > bitops:
+                continue
+            for hi in range(lo + 1, K):
+                top1, again = self.cascade(bitops, (lo, hi))
+                if not best or top1 > best["top1"]:
+                    second = float(self.uniform_bitops[hi]) - self.shared_bitops
+                    cost = float(self.uniform_bitops[lo]) + again * second
+                    bits = [self.candidates[lo], self.candidates[hi]]
+                    best = {"top1": top1, "bits": bits, "again": again}
+                    best["bitops_rel"] = cost / self.ref_bitops
+        return best
+
     def ranked_top1(self, bitops: float) -> dict[str, dict[str, Any]]:
         """:meth:`best_ranked` at ``bitops`` for each difficulty signal this measurement holds."""
         if len(self.candidates) < 2:
@@ -192,6 +211,8 @@ class Headroom:
             "rho_fp_loss": None,
             # Each signal's ranked allocation at the controller's BitOPs (see the module doc).
             "ranked_top1": self.ranked_top1(ctrl_bitops),
+            # What a cascade on the cheapest candidate's confidence gets for the same BitOPs.
+            "cascade": self.best_cascade(ctrl_bitops) if self.confidence is not None else {},
             "bitops_p10_rel": float(p10) / ref,
             "bitops_p90_rel": float(p90) / ref,
             "bitops_p90_over_p10": float(p90 / p10),

@@ -769,6 +769,16 @@ def _headroom_section(doc: _Doc, a: Analysis, room: dict) -> None:
     rows.append(
         ["controller", f"{room['controller_top1']:.2f}", f"{room['controller_bitops_rel']:.3f}x"]
     )
+    if cascade := room.get("cascade"):  # summaries written before it have none
+        cheap, dear = cascade["bits"]
+        rows.append(
+            [
+                f"cascade: every image at {cheap}-bit, the {100 * cascade['again']:.0f}% least "
+                f"confident again at {dear}-bit",
+                f"{cascade['top1']:.2f}",
+                f"{cascade['bitops_rel']:.3f}x",
+            ]
+        )
     if "layer_policy_top1" in room:  # summaries written before it have no layer policy
         rows.append(
             [

@@ -365,3 +365,20 @@ def test_per_layer_policy_gives_every_image_each_layers_most_frequent_choice(tmp
         policy_bitops = float(model.last.bitops[0]) / model.static_bitops(cfg.ref_bits)
     assert row["layer_policy"][0] == pytest.approx(100.0 * right / total)
     assert row["layer_policy"][1] == pytest.approx(policy_bitops)
+
+
+def test_predictability_auc_and_probe():
+    script = _script("predictability")
+    positive = torch.tensor([True, True, False, False, False])
+    assert script.auc(torch.tensor([5.0, 4, 3, 2, 1]), positive) == 1.0
+    assert script.auc(torch.tensor([1.0, 2, 3, 4, 5]), positive) == 0.0
+    # Positives at 4 and 2 against 3, 2, 1: 3 wins + 1.5 (the tie) of 6 pairs.
+    assert script.auc(torch.tensor([4.0, 2, 3, 2, 1]), positive) == pytest.approx(4.5 / 6)
+    assert script.auc(torch.zeros(3), torch.zeros(3, dtype=torch.bool)) != 0.5  # NaN: one class
+    # A probe fit on one half ranks the other half: separable by the first feature alone.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 3, generator=g, dtype=torch.float64)
+    y = x[:, 0] > 0.3
+    assert script.auc(script.probe_scores(x, y), y) > 0.97
+    noise = torch.rand(400, generator=g) < 0.5  # a label no feature knows
+    assert 0.35 < script.auc(script.probe_scores(x, noise), noise) < 0.65

@@ -93,9 +93,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     x = sub.add_parser(
         "export",
-        help="export a run's quantized model (controller inside) as ONNX or torch.export",
+        help="export a run's quantized model as ONNX or torch.export (controller inside, or --bits)",
     )
-    x.add_argument("--bits", help=BITS_HELP + "; the graph then holds no controller")
     x.add_argument("checkpoint", help="a run folder (its best.pt, else last.pt) or a .pt file")
     x.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
     x.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
@@ -105,6 +104,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         default=1,
         help="batch size of the graph's input (default 1)",
     )
+    x.add_argument("--bits", help=BITS_HELP + "; the graph then holds no controller")
     x.add_argument("overrides", nargs="*", help="key=value overrides of the stored config")
 
     k = sub.add_parser("cost", help="per-layer MACs / BitOPs table of a config")

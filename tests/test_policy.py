@@ -73,6 +73,7 @@ def test_separate_bits_give_each_their_own_majority():
             counts += model.last.selection.sum(0)
     assert bits_w == [model.spec.bits[i] for i in counts[:, 0].argmax(-1)]
     assert bits_a == [model.spec.bits[i] for i in counts[:, 1].argmax(-1)]
+    assert bits_w != bits_a  # the two majorities differ on these images: kept apart
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import torch
 from instaquant.builder import load_for_eval
 from instaquant.data import build_loaders
 from instaquant.evaluation import evaluate
-from instaquant.headroom import majority_policy
+from instaquant.policy import majority_policy
 from instaquant.stats import line_at
 
 

@@ -14,7 +14,7 @@ from instaquant.cli import main
 from instaquant.engine import fit
 from instaquant.errors import UserError
 from instaquant.evaluation import evaluate
-from instaquant.export import deployable, export
+from instaquant.export import ExportError, deployable, export
 from instaquant.policy import layer_policy, parse_bits
 
 TINY = ["data.name=digits", "data.limit=64", "data.batch_size=32", "model.name=digits_net"]
@@ -205,3 +205,21 @@ def test_cli_refuses_bits_for_a_static_run_and_bad_bits(dq_run, tmp_path, capsys
     assert main(["export", str(dq_run), "--out", str(out), "--format", "pt2", "--bits", "9"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--bits '9'" in err and not out.exists()
+
+
+def test_a_model_that_samples_its_choices_exports_at_fixed_bits(tmp_path):
+    # Fixed bits make the graph deterministic, so sampling in evaluation is no reason to refuse.
+    model = dynamic_resnet20("pact")
+    model.train()
+    model(varied_images(12))
+    model = model.eval().float()
+    model.spec.sample_in_eval = True
+    x = varied_images(6, seed=5).float()
+    with pytest.raises(ExportError, match="sample_in_eval"):
+        export(model, x, tmp_path / "chosen.pt2", "pt2")
+    bits = [4] * len(model.dynamic_layers)
+    with torch.no_grad(), model.forced_bits(bits):
+        expected = model(x)
+        path = export(model, x, tmp_path / "fixed.pt2", "pt2")
+    logits = torch.export.load(path).module()(x)[0]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)

@@ -509,7 +509,7 @@ class DynamicQuantModel(QuantModel):
             k_w, k_a = index[i].tolist() if self.spec.separate else [int(index[i])] * 2
             layer.pin(k_w, k_a)
         for i, bn in self.candidate_bn_modules():  # one choice per layer (no separate bits)
-            bn.__dict__["pinned"] = int(index[i])
+            bn.pin(int(index[i]))
 
     def _candidate_indices(self, bits: list[int]) -> list[int]:
         """Candidate indices of bit-widths given as numbers (ints, or whole floats such as

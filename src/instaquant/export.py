@@ -60,7 +60,8 @@ def deployable(model: QuantModel, example_input: Tensor) -> WithCosts:
         raise ExportError(
             f"export takes a quantized model (iq.dynamic / iq.static), got {type(model).__name__}"
         )
-    if isinstance(model, DynamicQuantModel) and model.spec.sample_in_eval:
+    forced = isinstance(model, DynamicQuantModel) and model._forced is not None
+    if isinstance(model, DynamicQuantModel) and model.spec.sample_in_eval and not forced:
         raise ExportError(
             "the model samples its choices in evaluation (sample_in_eval=True): an exported "
             "graph must be deterministic; set model.spec.sample_in_eval = False first"
@@ -74,7 +75,7 @@ def deployable(model: QuantModel, example_input: Tensor) -> WithCosts:
     frozen = copy.deepcopy(model).eval().requires_grad_(False)  # inference only
     if isinstance(frozen, DynamicQuantModel):
         frozen.set_execution("graph")
-        if frozen._forced is not None:  # inside forced_bits: a static graph at those bits
+        if forced:  # inside forced_bits: a static graph at those bits, no choice sampled
             frozen.pin_forced_bits()
     try:
         with torch.no_grad():

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .convert import DynamicQuantModel
+from .policy import majority_policy, recorded_bits
 from .stats import line_at, spearman
 
 
@@ -130,14 +131,17 @@ class Headroom:
         if self.confidence is None:
             raise ValueError("a cascade needs each candidate's confidence (measure_headroom)")
         lo, hi = pair
-        xs = self.uniform_bitops.double()
-        second = float(xs[hi]) - self.shared_bitops
-        share = min(max((bitops - float(xs[lo])) / second, 0.0), 1.0) if second > 0 else 0.0
+        first, second = float(self.uniform_bitops[lo]), self._second_pass_bitops(hi)
+        share = min(max((bitops - first) / second, 0.0), 1.0) if second > 0 else 0.0
         n_again = round(share * self.n)
         order = torch.sort(self.confidence[:, lo].double(), stable=True).indices
         at = torch.full((self.n,), lo, dtype=torch.long)
         at[order[:n_again]] = hi
         return 100.0 * float(self.right.gather(1, at[:, None]).double().mean()), n_again / self.n
+
+    def _second_pass_bitops(self, k: int) -> float:
+        """BitOPs of running an image again at candidate index ``k`` from the tap on."""
+        return float(self.uniform_bitops[k]) - self.shared_bitops
 
     def best_cascade(self, bitops: float) -> dict[str, Any]:
         """The best :meth:`cascade` at ``bitops`` over the candidate pairs whose first pass
@@ -151,8 +155,7 @@ class Headroom:
             for hi in range(lo + 1, K):
                 top1, again = self.cascade(bitops, (lo, hi))
                 if not best or top1 > best["top1"]:
-                    second = float(self.uniform_bitops[hi]) - self.shared_bitops
-                    cost = float(self.uniform_bitops[lo]) + again * second
+                    cost = float(self.uniform_bitops[lo]) + again * self._second_pass_bitops(hi)
                     bits = [self.candidates[lo], self.candidates[hi]]
                     best = {"top1": top1, "bits": bits, "again": again}
                     best["bitops_rel"] = cost / self.ref_bitops
@@ -296,7 +299,7 @@ def measure_headroom(
         controller_bitops=torch.cat(ctrl_bitops),
         fp_loss=torch.cat(fp_loss) if fp_loss else None,
         confidence=torch.cat(confidence),
-        policy_bits=None if policy is None else _as_bits(policy, model.spec.weight_bits),
+        policy_bits=None if policy is None else recorded_bits(policy, model.spec.weight_bits),
         policy_right=torch.cat(policy_right) if policy_right else None,
         policy_bitops=policy_bitops,
         shared_bitops=_before_tap_bitops(model),
@@ -309,22 +312,3 @@ def _before_tap_bitops(model: DynamicQuantModel) -> float:
     return float(
         sum(i.bitops_at(i.bits[0]) for i in model.layers if i.role == "static" and i.before_tap)
     )
-
-
-def _as_bits(policy: tuple[list[int], list[int]], weight_bits: int | None) -> list[list[int]]:
-    """A policy as [bits_w, bits_a] per layer, for the record: with ``weight_bits`` fixed the
-    candidate names the activation bits only, and the weights are at ``weight_bits``."""
-    chosen_w, chosen_a = policy
-    return [
-        list(chosen_w) if weight_bits is None else [weight_bits] * len(chosen_w),
-        list(chosen_a),
-    ]
-
-
-def majority_policy(choices: Tensor, bits: tuple[int, ...]) -> tuple[list[int], list[int]]:
-    """Each layer's most frequent candidate, as (weight bits, activation bits) per layer, from
-    choice counts or shares ``[L, K]`` (or ``[L, 2, K]`` with separate weight/activation bits)."""
-    top = choices.argmax(-1)  # [L] or [L, 2]
-    if top.dim() == 1:
-        top = torch.stack([top, top], 1)
-    return [bits[int(i)] for i in top[:, 0]], [bits[int(i)] for i in top[:, 1]]

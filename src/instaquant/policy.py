@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from .convert import DynamicQuantModel
 from .errors import UserError
-from .headroom import majority_policy
 
 Bits = tuple[list[int], list[int]]  # (weight bits, activation bits) per dynamic layer
 
@@ -71,11 +70,26 @@ def resolve_bits(
 
 
 def describe(bits: Bits, model: DynamicQuantModel) -> str:
-    """One line per dynamic layer: its name and bits (weights/activations where they differ,
-    with fixed weight bits shown as the weights')."""
-    fixed = model.spec.weight_bits
-    lines = []
-    for info, w, a in zip(model.dynamic_layers, *bits, strict=True):
-        w = fixed if fixed is not None else w
-        lines.append(f"  {info.name:<32} W{w}A{a}")
-    return "\n".join(lines)
+    """One line per dynamic layer: its name and its weight and activation bits."""
+    weights, acts = recorded_bits(bits, model.spec.weight_bits)
+    rows = zip(model.dynamic_layers, weights, acts, strict=True)
+    return "\n".join(f"  {info.name:<32} W{w}A{a}" for info, w, a in rows)
+
+
+def recorded_bits(policy: Bits, weight_bits: int | None) -> list[list[int]]:
+    """A policy as [bits_w, bits_a] per layer, for the record: with ``weight_bits`` fixed the
+    candidate names the activation bits only, and the weights are at ``weight_bits``."""
+    chosen_w, chosen_a = policy
+    return [
+        list(chosen_w) if weight_bits is None else [weight_bits] * len(chosen_w),
+        list(chosen_a),
+    ]
+
+
+def majority_policy(choices: Tensor, bits: tuple[int, ...]) -> Bits:
+    """Each layer's most frequent candidate, as (weight bits, activation bits) per layer, from
+    choice counts or shares ``[L, K]`` (or ``[L, 2, K]`` with separate weight/activation bits)."""
+    top = choices.argmax(-1)  # [L] or [L, 2]
+    if top.dim() == 1:
+        top = torch.stack([top, top], 1)
+    return [bits[int(i)] for i in top[:, 0]], [bits[int(i)] for i in top[:, 1]]

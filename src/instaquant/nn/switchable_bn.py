@@ -91,6 +91,11 @@ class SwitchableBatchNorm(nn.Module):
             )
         return index
 
+    def pin(self, k: int) -> None:
+        """Deployment at fixed bits: in evaluation every sample goes through candidate ``k``'s
+        BatchNorm, whatever the selection says (for frozen copies that are exported)."""
+        self.__dict__["pinned"] = int(k)
+
     def forward(self, x: Tensor) -> Tensor:
         pinned = self.__dict__.get("pinned")
         if pinned is not None and not self.training:  # fixed bits (export): one candidate's BN

@@ -382,3 +382,36 @@ def test_predictability_auc_and_probe():
     assert script.auc(script.probe_scores(x, y), y) > 0.97
     noise = torch.rand(400, generator=g) < 0.5  # a label no feature knows
     assert 0.35 < script.auc(script.probe_scores(x, noise), noise) < 0.65
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
+    reason="the [export] extra is not installed",
+)
+def test_exported_top1_pads_the_last_batch_and_keeps_every_image(tmp_path):
+    import warnings
+
+    from helpers import dynamic_resnet20, varied_images
+    from instaquant.export import export
+
+    script = _script("exported_top1")
+    model = dynamic_resnet20("pact")
+    model.train()
+    model(varied_images(12))
+    model = model.eval().float()
+    x = varied_images(10, seed=4).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = export(model, x[:4], tmp_path / "m.onnx")  # batch 4: 10 images = 4 + 4 + 2
+    labels = torch.arange(10) % 10
+    with torch.no_grad():
+        expected = model(x).argmax(1)
+        bitops = model.last.bitops
+    preds, got_labels, got_bitops = script.onnx_outputs(
+        graph, [(x[:7], labels[:7]), (x[7:], labels[7:])]
+    )
+    assert len(preds) == len(got_bitops) == 10 and (got_labels == labels.numpy()).all()
+    assert (preds == expected.numpy()).mean() >= 0.9  # rounding-boundary flips aside
+    torch.testing.assert_close(
+        torch.from_numpy(got_bitops).double(), bitops.double(), rtol=1e-6, atol=0
+    )

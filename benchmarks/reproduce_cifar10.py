@@ -72,7 +72,10 @@ FIRST_STATIC, LAST_STATIC = (3, 4), (2, 5)
 # bits and BitOPs grow linearly with them (the 3-bit budget is then 0.75x static 4-bit), and
 # ``budget_a288`` with it aims at 0.72x (4 · 2.88 / 16), as budget070 leaves room to overshoot,
 # ``budget_a297`` at 0.7425x, as budget075 just inside the 0.75x edge;
-# ``weights3`` fixes them at 3 bits, so its 3-bit budget is exactly static 3-bit's BitOPs.
+# ``weights3`` fixes them at 3 bits, so its 3-bit budget is exactly static 3-bit's BitOPs;
+# ``bits345`` gives the dynamic layers the candidates {3, 4, 5} (the highest then teaches at 5
+# bits) and keeps the layers before the tap at 3 bits, as {2, 3, 4} does, so that a 0.70x budget
+# stays feasible: there the 2-bit candidate is rarely chosen and 5 bits can be.
 LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "grid4": {"quant": {"controller_grid": 4}},
     "stats": {"quant": {"controller_stats": True}},
@@ -91,6 +94,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "weights3": {"quant": {"weight_bits": 3}},
     "budget_a288": {"budget": {"target_bits": 2.88}},
     "budget_a297": {"budget": {"target_bits": 2.97}},
+    "bits345": {"quant": {"bits": [3, 4, 5], "fixed_bits": 3}},
 }
 # The static line of ``weights4``: weights at 4 bits, activations at these (4 is pact_static4).
 WEIGHTS4_STATIC = (2, 3)

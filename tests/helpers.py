@@ -117,3 +117,15 @@ def as_rank(rank, world, port):
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+
+
+def parameters(program: torch.export.ExportedProgram) -> list:
+    """The input specs of an exported program's parameters."""
+    kind = torch.export.graph_signature.InputKind.PARAMETER
+    return [s for s in program.graph_signature.input_specs if s.kind == kind]
+
+
+def unused_parameters(program: torch.export.ExportedProgram) -> list[str]:
+    """Parameters that an exported program takes but never reads (dead weight in the file)."""
+    unused = {n.name for n in program.graph.nodes if n.op == "placeholder" and not n.users}
+    return [s.target for s in parameters(program) if s.arg.name in unused]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import instaquant as iq
-from helpers import dynamic_resnet20, varied_images
+from helpers import dynamic_resnet20, unused_parameters, varied_images
 from instaquant.cli import main
 from instaquant.export import ExportError, deployable, export
 from instaquant.nn.indexed import UnsupportedForGraphError
@@ -137,6 +137,9 @@ def test_torch_export_of_the_dynamic_resnet20(tmp_path):
     _outputs_match(got, model, x)
     assert len(set(map(tuple, got[1].tolist()))) > 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
+    # The graph reads the quantized weights alone: the float ones are not in the archive.
+    assert not unused_parameters(program)
+    assert not [n for n in program.state_dict if n.endswith("layer1.0.conv1.weight")]
 
 
 @pytest.mark.parametrize("fmt", ["pt2", pytest.param("onnx", marks=needs_ort)])

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import dynamic_resnet20, varied_images
+from helpers import dynamic_resnet20, parameters, unused_parameters, varied_images
 from instaquant import config as C
 from instaquant.builder import load_for_eval
 from instaquant.cli import main
@@ -103,17 +103,15 @@ def test_an_export_at_fixed_bits_runs_the_policy_without_the_controller(tmp_path
     # candidate's, and no controller computing anything.
     with model.forced_bits(*bits):
         frozen = deployable(model, x).model
-    for layer, b in zip(frozen.dynamic_modules(), bits[0], strict=True):
+    pairs = zip(frozen.dynamic_modules(), model.dynamic_modules(), bits[0], strict=True)
+    for layer, source, b in pairs:
         k = model.spec.bits.index(b)
         assert layer.frozen_weights.shape[0] == 1
-        torch.testing.assert_close(
-            layer.frozen_weights[0], layer.wq(layer.weight, k), atol=0, rtol=0
-        )
-    unused = [n for n in program.graph.nodes if n.op == "placeholder" and not n.users]
-    controller = [
-        s.arg.name for s in program.graph_signature.input_specs if "controller" in str(s.target)
-    ]
-    assert controller and set(controller) <= {n.name for n in unused}
+        torch.testing.assert_close(layer.frozen_weights[0], source.quantized_weight(k))
+        assert not hasattr(layer, "weight")  # the float weight stays behind
+    # Nor its weights: no parameter is the controller's, and every parameter is read.
+    assert not [s.target for s in parameters(program) if "controller" in s.target]
+    assert not unused_parameters(program)
     fixed = model.spec.weight_bits
     weights = [fixed if fixed else b for b in bits[0]]
     assert bits_w.tolist() == [[float(b) for b in weights]] * 10  # every image alike

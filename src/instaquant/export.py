@@ -2,7 +2,7 @@
 
 The exported graph is the graph-static execution (:mod:`.indexed`) of a frozen copy: the
 controller inside, each sample's candidate selected by indexing, every candidate's
-quantized weight a constant. It returns the logits and, per image, the chosen bits
+quantized weight a constant (the float weights stay behind). It returns the logits and, per image, the chosen bits
 ``[B, L]`` (weights and activations) and the BitOPs ``[B]``. Quantization stays simulated
 in floating point (quantize/dequantize per candidate); integer kernels are the runtime's.
 The graph takes inputs of the example's shape, batch size included. Exported inside
@@ -77,6 +77,7 @@ def deployable(model: QuantModel, example_input: Tensor) -> WithCosts:
         frozen.set_execution("graph")
         if forced:  # inside forced_bits: a static graph at those bits, no choice sampled
             frozen.pin_forced_bits()
+            _drop_unread(frozen)
     try:
         with torch.no_grad():
             frozen(example_input)  # sets lazily initialised clips/steps, as evaluation would
@@ -85,12 +86,25 @@ def deployable(model: QuantModel, example_input: Tensor) -> WithCosts:
     for module in frozen.modules():
         if hasattr(module, "freeze_weights"):
             module.freeze_weights()
+            # Forwards now read the quantized copies alone: without the float weight and its
+            # quantizer, neither is an unused input of the exported program.
+            del module.weight
+            module.wq = None
             module.__dict__["branch_select"] = True  # batch 1: one branch per candidate
         if isinstance(module, InitFlags):
             if not module.all_initialized():
                 raise ExportError(f"quantizer {type(module).__name__} never saw data")
             module.__dict__["frozen_ready"] = True
     return WithCosts(frozen).eval()
+
+
+def _drop_unread(frozen: DynamicQuantModel) -> None:
+    """At fixed bits the controller and the other candidates' BatchNorms never run: without
+    them their weights are no unused inputs of an exported program."""
+    frozen.controller = nn.Identity()
+    for _, bn in frozen.candidate_bn_modules():
+        bn.bns = nn.ModuleList([bn.bns[bn.__dict__["pinned"]]])
+        bn.pin(0)
 
 
 def export(

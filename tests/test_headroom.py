@@ -186,12 +186,13 @@ def test_cascade_by_hand():
     # Below the first pass nothing runs again; the share never exceeds one.
     assert h.cascade(2.0, (0, 2)) == (pytest.approx(60.0), 0.0)
     assert h.cascade(100.0, (0, 2)) == (pytest.approx(80.0), 1.0)
-    # The best pair at 7 BitOPs: 0 -> 2 (80%) against 0 -> 1 (4 + share * 8: 3/8 of five
-    # rounds to two images, 3 and 1, of which 1 is right at 3 bits: 80% too, and the first
-    # pair found is kept). Its BitOPs: 4 + 0.4 * 8 = 7.2, the share rounded to whole images.
+    # The best pair at 7 BitOPs: 0 -> 2 (80%, exactly 7 BitOPs) against 0 -> 1 (4 + share * 8:
+    # 3/8 of five is 1.875 images, rounded down to one, image 3, wrong at 3 bits too: 60%).
+    # Rounded up, two images would cost 4 + 0.4 * 8 = 7.2, above the level.
+    assert h.cascade(7.0, (0, 1)) == (pytest.approx(60.0), pytest.approx(0.2))
     best = h.best_cascade(7.0)
-    assert best["bits"] == [2, 3] and best["top1"] == pytest.approx(80.0)
-    assert best["again"] == pytest.approx(0.4) and best["bitops_rel"] == pytest.approx(7.2 / 9)
+    assert best["bits"] == [2, 4] and best["top1"] == pytest.approx(80.0)
+    assert best["again"] == pytest.approx(0.2) and best["bitops_rel"] == pytest.approx(7.0 / 9)
     assert h.best_cascade(3.0) == {}  # the cheapest candidate alone costs more
     assert (
         h.summary()["cascade"]["bits"] == h.best_cascade(float(h.controller_bitops.mean()))["bits"]

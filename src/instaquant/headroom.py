@@ -127,13 +127,14 @@ class Headroom:
         """Top-1 and escalated share of a cascade at mean BitOPs ``bitops``: every image at
         candidate index ``pair[0]``, then the least confident share there (by its top softmax
         probability; ties keep image order) again at ``pair[1]`` from the tap on, costing
-        that candidate's BitOPs less :attr:`shared_bitops`. The share is clipped to 0..1."""
+        that candidate's BitOPs less :attr:`shared_bitops`. The share is clipped to 0..1 and
+        rounded down to whole images, so the cascade never costs more than ``bitops``."""
         if self.confidence is None:
             raise ValueError("a cascade needs each candidate's confidence (measure_headroom)")
         lo, hi = pair
         first, second = float(self.uniform_bitops[lo]), self._second_pass_bitops(hi)
         share = min(max((bitops - first) / second, 0.0), 1.0) if second > 0 else 0.0
-        n_again = round(share * self.n)
+        n_again = math.floor(share * self.n + 1e-9)  # rounded down: never above ``bitops``
         order = torch.sort(self.confidence[:, lo].double(), stable=True).indices
         at = torch.full((self.n,), lo, dtype=torch.long)
         at[order[:n_again]] = hi

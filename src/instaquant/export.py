@@ -2,8 +2,8 @@
 
 The exported graph is the graph-static execution (:mod:`.indexed`) of a frozen copy: the
 controller inside, each sample's candidate selected by indexing, every candidate's
-quantized weight a constant (the float weights stay behind). It returns the logits and, per image, the chosen bits
-``[B, L]`` (weights and activations) and the BitOPs ``[B]``. Quantization stays simulated
+quantized weight a constant (the float weights stay behind). It returns the logits and,
+per image, the chosen bits ``[B, L]`` (weights and activations) and the BitOPs ``[B]``. Quantization stays simulated
 in floating point (quantize/dequantize per candidate); integer kernels are the runtime's.
 The graph takes inputs of the example's shape, batch size included. Exported inside
 :meth:`~.convert.DynamicQuantModel.forced_bits`, it is the static network at those bits:

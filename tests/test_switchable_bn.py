@@ -231,3 +231,16 @@ def test_from_bn_refuses_a_bn_with_its_own_forward():
         SwitchableBatchNorm2d.from_bn(Shifted(4), K)
     with pytest.raises(TypeError, match="BatchNorm2d"):
         SwitchableBatchNorm2d.from_bn(nn.BatchNorm1d(4), K)
+
+
+def test_pinned_candidate_alone_computes_what_it_did_pinned():
+    sbn = diverged(trained_bn()).eval()
+    x = torch.randn(5, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="call pin"):
+        sbn.keep_pinned_only()
+    sbn.pin(2)
+    before = sbn(x)
+    exact(before, sbn.bns[2](x))
+    sbn.keep_pinned_only()
+    assert sbn.num_candidates == 1
+    exact(sbn(x), before)

@@ -103,8 +103,7 @@ def _drop_unread(frozen: DynamicQuantModel) -> None:
     them their weights are no unused inputs of an exported program."""
     frozen.controller = nn.Identity()
     for _, bn in frozen.candidate_bn_modules():
-        bn.bns = nn.ModuleList([bn.bns[bn.__dict__["pinned"]]])
-        bn.pin(0)
+        bn.keep_pinned_only()
 
 
 def export(

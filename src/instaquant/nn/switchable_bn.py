@@ -96,6 +96,15 @@ class SwitchableBatchNorm(nn.Module):
         BatchNorm, whatever the selection says (for frozen copies that are exported)."""
         self.__dict__["pinned"] = int(k)
 
+    def keep_pinned_only(self) -> None:
+        """Drop every candidate's BatchNorm but the pinned one, which becomes candidate 0 (a
+        frozen copy at fixed bits: the others' parameters would be unread inputs)."""
+        pinned = self.__dict__.get("pinned")
+        if pinned is None:
+            raise RuntimeError("keep_pinned_only needs a pinned candidate: call pin(k) first")
+        self.bns = nn.ModuleList([self.bns[pinned]])
+        self.pin(0)
+
     def forward(self, x: Tensor) -> Tensor:
         pinned = self.__dict__.get("pinned")
         if pinned is not None and not self.training:  # fixed bits (export): one candidate's BN

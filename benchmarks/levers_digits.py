@@ -8,7 +8,9 @@ seeds: top-1, BitOPs (x static 3-bit), top-1 at each level, Spearman ρ of per-i
 against the known level (noise strength or contrast), per-image BitOPs p90/p10, and the share
 of the oracle's gain the controller captures. The "level oracle" row is the best the static
 models could do knowing every test image's level (:func:`level_oracle`). ``--bits 1 2 3``
-trains other bit-widths; the budget is always the middle one's BitOPs.
+trains other bit-widths; the budget is always the middle one's BitOPs. ``--weight-bits 4``
+fixes the weights of every quantized run at 4 bits, so that only activations choose and a bit
+costs the same whichever level takes it.
 
     python benchmarks/levers_digits.py --seeds 0 1 2   # about 30 min on one CPU core
     python benchmarks/levers_digits.py --data digits_contrast --fp-epochs 8 --qat-epochs 6 \
@@ -52,6 +54,15 @@ def candidate_overrides(bits: list[int]) -> tuple[list[str], list[str]]:
     low, middle, high = sorted(bits)
     reference = [f"reference_bits={middle}"]
     return reference, [f"quant.bits=[{low},{middle},{high}]", f"budget.target_bits={middle}"]
+
+
+def qat_overrides(
+    fp: Path, epochs: int, reference: list[str], weight_bits: int | None = None
+) -> list[str]:
+    """What every quantized run shares: the start, the schedule, the BitOPs reference and,
+    with ``weight_bits``, the weights fixed at that many bits (the bits then activations')."""
+    shared = [*QAT, *reference, f"epochs={epochs}", f"model.init={fp}"]
+    return shared if weight_bits is None else [*shared, f"quant.weight_bits={weight_bits}"]
 
 
 LEVERS: dict[str, list[str]] = {
@@ -181,13 +192,19 @@ def main() -> None:
         default=[2, 3, 4],
         help="static bit-widths and DQ's candidates (default 2 3 4); budget: the middle one",
     )
+    p.add_argument(
+        "--weight-bits",
+        type=int,
+        help="fix every quantized weight at these bits in every run, so that --bits name the "
+        "activations' and BitOPs grow linearly with them (default: weights choose with them)",
+    )
     args = p.parse_args()
     out = args.out or Path(f"runs/levers_{args.data}")
     torch.set_num_threads(args.threads)
     fp_run = ["recipe=fp", f"epochs={args.fp_epochs}", "optim.lr=0.1", f"seed={args.fp_seed}"]
     fp = train(out, args.data, "fp", fp_run)
     reference, candidates = candidate_overrides(args.bits)
-    qat = [*QAT, *reference, f"epochs={args.qat_epochs}", f"model.init={fp}"]
+    qat = qat_overrides(fp, args.qat_epochs, reference, args.weight_bits)
     rows: dict[str, list[dict]] = {"full precision": [measure(fp, args.data)]}
     levels = [f"top1@{v:g}" for v in LEVELED_DATASETS[args.data]]
     for seed in args.seeds:
@@ -200,7 +217,10 @@ def main() -> None:
             rows.setdefault(f"static {bits}-bit", []).append(static[bits])
         line = [(r["bitops_rel"], r["top1"]) for r in static.values()]
         per_level = {b: (r["bitops_rel"], [r[k] for k in levels]) for b, r in static.items()}
-        top1, bitops = level_oracle(per_level, 1.0)
+        # The budget: the middle static model's BitOPs (1.0 unless --weight-bits moves the
+        # reference off it).
+        budget = static[sorted(args.bits)[1]]["bitops_rel"]
+        top1, bitops = level_oracle(per_level, budget)
         oracle = {"top1": top1, "bitops_rel": bitops, "vs_line": top1 - line_at(line, bitops)}
         rows.setdefault("level oracle (static models)", []).append(oracle)
         for name in args.levers or list(LEVERS):

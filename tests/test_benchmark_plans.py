@@ -319,6 +319,19 @@ def test_digit_levers_combine_and_unknown_names_are_refused():
     assert controller.features(tap).abs().sum() > 0
 
 
+def test_digit_levers_can_fix_the_weights_of_every_quantized_run():
+    script = _script("levers_digits")
+    reference, candidates = script.candidate_overrides([2, 3, 4])
+    raw = {"model": {"name": "digits_net"}, "data": {"name": "digits_contrast"}}
+    for weight_bits in (None, 4):
+        qat = script.qat_overrides(Path("runs/fp"), 6, reference, weight_bits)
+        static = config.from_dict(raw, [*qat, "recipe=static", "quant.bits=[2]"])
+        dq = config.from_dict(raw, [*qat, *script.DQ, *candidates])
+        assert static.quant.weight_bits == dq.quant.weight_bits == weight_bits
+        assert static.epochs == dq.epochs == 6 and dq.model.init == str(Path("runs/fp"))
+        assert dq.quant.bits == [2, 3, 4] and dq.budget.target_bits == 3 and dq.ref_bits == 3
+
+
 def test_level_oracle_allocates_bits_by_level_on_the_concave_hull():
     script = _script("levers_digits")
     # Static 2/3/4-bit at BitOPs 4/9, 1 and 16/9 of 3-bit's: an easy level right at every

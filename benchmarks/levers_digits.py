@@ -195,6 +195,8 @@ def main() -> None:
     p.add_argument(
         "--weight-bits",
         type=int,
+        choices=range(1, 9),
+        metavar="1..8",
         help="fix every quantized weight at these bits in every run, so that --bits name the "
         "activations' and BitOPs grow linearly with them (default: weights choose with them)",
     )

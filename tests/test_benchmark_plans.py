@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -428,3 +429,38 @@ def test_exported_top1_pads_the_last_batch_and_keeps_every_image(tmp_path):
     torch.testing.assert_close(
         torch.from_numpy(got_bitops).double(), bitops.double(), rtol=1e-6, atol=0
     )
+
+
+def test_seed_oracle_counts_an_image_right_where_any_view_is():
+    script = _script("seed_oracle")
+    a = torch.tensor([1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.bool)
+    b = torch.tensor([1, 0, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    row = script.oracle_row("a / b", "seeds", [a, b])
+    assert row["top1"] == [62.5, 62.5]
+    assert row["differ"] == 25.0  # images 1 and 2
+    assert row["oracle_top1"] == 75.0 and row["oracle_gain"] == 12.5
+
+
+def test_seed_oracle_groups_runs_that_differ_only_in_their_seed(tmp_path):
+    from instaquant.engine import fit
+
+    script = _script("seed_oracle")
+    tiny = ["data.name=digits", "data.limit=192", "data.batch_size=32", "model.name=digits_net"]
+    static = ["recipe=static", "quant.bits=[3]", "epochs=1"]
+    dq = ["recipe=dynamic", "quant.bits=[2,3,4]", "budget.target_bits=3", "epochs=1"]
+    for name, seed, kind in (("s0", 0, static), ("s1", 1, static), ("dq", 0, dq)):
+        raw = {"name": name, "out": str(tmp_path / name), "seed": seed}
+        fit(config.from_dict(raw, [*tiny, *kind]), progress=False)
+    runs = [tmp_path / n for n in ("s0", "s1", "dq")]
+    configs, results = {}, {}
+    for run in runs:
+        configs[run], results[run] = script.outcomes(run)
+        script.check_against_summary(run, results[run])  # the DQ views match its headroom
+    assert sorted(results[runs[2]]) == [2, 3, 4] and list(results[runs[0]]) == [3]
+    summary = json.loads((runs[0] / "summary.json").read_text())["runs"][0]
+    assert 100.0 * float(results[runs[0]][3].double().mean()) == pytest.approx(summary["top1"])
+    table = script.rows(results, configs)
+    seeds = [r for r in table if r["kind"] == "seeds"]
+    assert [r["views"] for r in seeds] == ["s0 / s1 at 3 bits"]  # not the DQ run's 3 bits
+    bits = [r["views"] for r in table if r["kind"] == "bits"]
+    assert bits == [f"dq at {s} bits" for s in ("2/3", "2/4", "3/4", "2/3/4")]

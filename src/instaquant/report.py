@@ -758,7 +758,9 @@ def _headroom_section(doc: _Doc, a: Analysis, room: dict) -> None:
         "controller's choices, and two oracles: each image at its cheapest candidate that "
         "classifies it correctly (the cheapest overall where none does), and the monotone "
         "oracle, each image at the cheapest candidate from which every higher one is right "
-        "(part of the first oracle's gain is luck: right at a low bit-width, wrong at a high one)."
+        "(part of the first oracle's gain is luck: right at a low bit-width, wrong at a high one; "
+        "two runs that differ only in their seed, at one bit-width, give such an oracle a gain "
+        "too: benchmarks/seed_oracle.py measures both)."
     )
     rows = [
         [f"uniform {b}-bit", f"{t:.2f}", f"{r:.3f}x"]

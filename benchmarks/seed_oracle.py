@@ -44,6 +44,8 @@ def outcomes(run: Path, progress: bool = False) -> tuple[dict, dict[int, Tensor]
     classifies correctly, at each uniform candidate of a DQ run, or at a static run's
     bit-width."""
     cfg, model, extra = load_for_eval(run / "last.pt", [])
+    if cfg.recipe not in ("static", "dynamic"):
+        raise SystemExit(f"{run} is a {cfg.recipe!r} run: give static or dynamic (DQ) runs")
     model.eval()
     dynamic = isinstance(model, DynamicQuantModel)
     widths = list(model.spec.bits) if dynamic else list(cfg.quant.bits)

@@ -448,9 +448,12 @@ def test_seed_oracle_groups_runs_that_differ_only_in_their_seed(tmp_path):
     tiny = ["data.name=digits", "data.limit=192", "data.batch_size=32", "model.name=digits_net"]
     static = ["recipe=static", "quant.bits=[3]", "epochs=1"]
     dq = ["recipe=dynamic", "quant.bits=[2,3,4]", "budget.target_bits=3", "epochs=1"]
-    for name, seed, kind in (("s0", 0, static), ("s1", 1, static), ("dq", 0, dq)):
+    runs = (("s0", 0, static), ("s1", 1, static), ("dq", 0, dq), ("fp", 0, ["recipe=fp"]))
+    for name, seed, kind in runs:
         raw = {"name": name, "out": str(tmp_path / name), "seed": seed}
-        fit(config.from_dict(raw, [*tiny, *kind]), progress=False)
+        fit(config.from_dict(raw, [*tiny, *kind, "epochs=1"]), progress=False)
+    with pytest.raises(SystemExit, match="is a 'fp' run: give static or dynamic"):
+        script.outcomes(tmp_path / "fp")
     runs = [tmp_path / n for n in ("s0", "s1", "dq")]
     configs, results = {}, {}
     for run in runs:

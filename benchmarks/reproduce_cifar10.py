@@ -295,6 +295,8 @@ def machine_results(entries: list[dict]) -> list[dict]:
         row = {k: e.get(k) for k in ("name", "recipe", "method", "bits", "top1", "bitops_rel")}
         if e.get("weight_bits") is not None:  # bits are then the activations'
             row["weight_bits"] = e["weight_bits"]
+        if e.get("layer_bits"):  # static mixed precision: these layers at their own bits
+            row["layer_bits"] = e["layer_bits"]
         room = e.get("headroom")
         if room is not None:
             row.update(

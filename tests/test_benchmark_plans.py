@@ -467,3 +467,41 @@ def test_seed_oracle_groups_runs_that_differ_only_in_their_seed(tmp_path):
     assert [r["views"] for r in seeds] == ["s0 / s1 at 3 bits"]  # not the DQ run's 3 bits
     bits = [r["views"] for r in table if r["kind"] == "bits"]
     assert bits == [f"dq at {s} bits" for s in ("2/3", "2/4", "3/4", "2/3/4")]
+
+
+def _policy_script():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return _script("policy_static")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_policy_static_trains_the_runs_layer_policy_as_the_static_runs_do(tmp_path):
+    script = _policy_script()
+    repro = _script()
+    runs = repro.plan(
+        tmp_path / "data", tmp_path / "out", "learn", ["pact"], None, tmp_path / "fp.pt"
+    )
+    dq = next(r for r in repro.lever_plan(runs, tmp_path / "out", ["bits345+budget070"]))
+    run = Path(dq["out"])
+    run.mkdir(parents=True)
+    config.save(config.from_dict(dq), run / "config.yaml")
+    policy = [4, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 3]
+    entry = {"headroom": {"layer_policy_bits": [policy, policy]}}
+    (run / "summary.json").write_text(json.dumps({"runs": [entry]}))
+    quant = script.policy_of(run)
+    assert quant["bits"] == [3] and quant["method"] == "pact"  # bits345's fixed bits
+    names = [f"layer{s}.{b}.conv{c}" for s in (2, 3) for b in range(3) for c in (1, 2)]
+    assert quant["layer_bits"] == dict(zip(names, policy, strict=True))
+    plans = script.policy_plan(runs, tmp_path / "out", quant, "p", [0, 1])
+    assert [p["name"] for p in plans] == ["pact_static_policy_p", "pact_static_policy_p_seed1"]
+    static4 = config.from_dict(next(r for r in runs if r["name"] == "pact_static4")).to_dict()
+    for raw in plans:
+        cfg = config.from_dict(raw).to_dict()
+        diff = {k for k in cfg if k not in ("name", "out") and cfg[k] != static4[k]}
+        assert diff <= {"quant", "seed"} and cfg["seed"] == (raw["name"][-1] == "1")
+        assert cfg["quant"] == {**static4["quant"], "bits": [3], "layer_bits": quant["layer_bits"]}
+    (run / "summary.json").write_text(json.dumps({"runs": [{"headroom": {}}]}))
+    with pytest.raises(SystemExit, match="records no layer policy"):
+        script.policy_of(run)

@@ -52,3 +52,18 @@ def test_save_and_reload_roundtrip(tmp_path):
     cfg = C.from_dict({}, ["quant.bits=[2, 3]", "budget.weight=0.5"])
     C.save(cfg, tmp_path / "c.yaml")
     assert C.load(tmp_path / "c.yaml") == cfg
+
+
+def test_layer_bits_parse_from_the_command_line_and_need_recipe_static():
+    cfg = C.from_dict(
+        {"recipe": "static", "quant": {"bits": [3]}}, ["quant.layer_bits={layer3.*: 4}"]
+    )
+    assert cfg.quant.layer_bits == {"layer3.*": 4}
+    with pytest.raises(C.ConfigError, match="'quant.layer_bits' sets bits per layer of a static"):
+        C.from_dict({}, ["quant.layer_bits={layer3.*: 4}"])
+    with pytest.raises(C.ConfigError, match=r"'quant.layer_bits\['layer3.\*'\]': 9 is outside"):
+        C.from_dict(
+            {"recipe": "static", "quant": {"bits": [3]}}, ["quant.layer_bits={layer3.*: 9}"]
+        )
+    with pytest.raises(C.ConfigError, match="'quant.layer_bits': expected a mapping"):
+        C.from_dict({"recipe": "static", "quant": {"bits": [3]}}, ["quant.layer_bits=[4]"])

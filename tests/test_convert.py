@@ -502,3 +502,55 @@ def test_signed_plan_travels_in_the_state_dict():
 
     with pytest.raises(CheckpointError, match="1 activation quantizers signed in one"):
         load_model_state(rebuilt, state, "the checkpoint")
+
+
+def test_layer_bits_give_each_matching_layer_its_bits():
+    fp = iq.models.resnet20()
+    x = torch.randn(*X32)
+    layer_bits = {"layer2.0.conv1": 5, "layer3.*": 4, "layer3.2.conv2": 2}  # first match wins
+    mixed = iq.static(fp, "pact", 3, x, layer_bits=layer_bits)
+    expected = {}
+    for info in mixed.layers:
+        if info.role == "fp":
+            continue
+        name = info.name
+        expected[name] = 5 if name == "layer2.0.conv1" else 4 if name.startswith("layer3") else 3
+        assert mixed.model.get_submodule(name).bits == expected[name], name
+    macs = {i.name: i.macs for i in mixed.layers}
+    assert float(mixed.bitops_per_sample) == sum(macs[n] * b * b for n, b in expected.items())
+    assert mixed.layer_bits.tolist() == list(expected.values())
+
+    # The same network as static 3-bit with those layers taken from static 5- and 4-bit.
+    by_bits = {b: iq.static(fp, "pact", b, x).eval() for b in (3, 4, 5)}
+    reference = copy.deepcopy(by_bits[3].model)
+    for name, b in expected.items():
+        parent, _, child = name.rpartition(".")
+        setattr(reference.get_submodule(parent), child, by_bits[b].model.get_submodule(name))
+    batch = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed.eval()(batch), reference(batch), atol=0, rtol=0)
+        # Fresh models: a quantizer's first forward sets its lazy parameters.
+        every = iq.static(fp, "pact", 3, x, layer_bits={"*": 4}).eval()
+        static4 = iq.static(fp, "pact", 4, x).eval()
+        torch.testing.assert_close(every(batch), static4(batch), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layer_bits={"layr3.*": 4}), "pattern 'layr3.*' matches no quantized layer"),
+        (dict(layer_bits={"conv1": 4}), "pattern 'conv1' matches no quantized layer"),
+        (dict(layer_bits={"layer3.*": 9}), r"layer_bits\['layer3.\*'\] contains 9"),
+        (dict(layer_bits={"layer3.*": 4}, first_last="8bit", exclude=()), None),
+        (dict(layer_bits={"fc": 4}, first_last="8bit"), "names 'fc', pinned at 8 bits"),
+    ],
+)
+def test_bad_layer_bits_are_refused_in_one_line(kwargs, message):
+    fp = iq.models.resnet20()
+    if message is None:  # the pinned first and last layers keep their 8 bits
+        model = iq.static(fp, "pact", 3, torch.randn(*X32), **kwargs)
+        assert model.model.fc.bits == 8 and model.model.layer3[0].conv1.bits == 4
+        return
+    with pytest.raises(ValueError, match=message) as info:
+        iq.static(fp, "pact", 3, torch.randn(*X32), **kwargs)
+    assert "\n" not in str(info.value)

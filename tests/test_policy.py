@@ -1,7 +1,9 @@
 """Fixed bits for a DQ model (layer policy, one candidate, one per layer): in eval and export."""
 
 import importlib.util
+import json
 import os
+import shlex
 import warnings
 
 import pytest
@@ -221,3 +223,25 @@ def test_a_model_that_samples_its_choices_exports_at_fixed_bits(tmp_path):
         path = export(model, x, tmp_path / "fixed.pt2", "pt2")
     logits = torch.export.load(path).module()(x)[0]
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_printed_layer_policy_trains_as_static_mixed_precision(dq_run, tmp_path, capsys):
+    assert main(["eval", str(dq_run), "--bits", "policy"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("as static mixed precision"))
+    keys = shlex.split(line.split(": ", 1)[1])
+    _, model, extra = load_for_eval(dq_run / "best.pt")
+    bits = layer_policy(model, extra["test_loader"])
+    assert keys[0] == f"quant.bits=[{model.spec.fixed_bits}]"
+    static = tmp_path / "mixed"
+    args = [*TINY, "device=cpu", "recipe=static", "epochs=1", *keys]
+    fit(C.from_dict({"name": "mixed", "out": str(static)}, args), progress=False)
+    summary = json.loads((static / "summary.json").read_text())["runs"][0]
+    names = [i.name for i in model.dynamic_layers]
+    assert summary["layer_bits"] == dict(zip(names, bits[1], strict=True))
+    _, mixed, _ = load_for_eval(static / "best.pt")
+    for name, b in zip(names, bits[1], strict=True):
+        assert mixed.model.get_submodule(name).bits == b
+    with model.forced_bits(*bits):  # the same BitOPs as the DQ model at its policy
+        expected = evaluate(model, extra["test_loader"], 3).metrics["bitops_mean"]
+    assert summary["bitops_mean"] == pytest.approx(expected)

@@ -98,3 +98,16 @@ def test_truncated_newer_and_foreign_files_are_refused_in_one_line(tmp_path):
     with pytest.raises(TypeError, match="takes a quantized model"):
         iq.save(iq.models.resnet20(), tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_static_mixed_precision_round_trip(tmp_path):
+    fp = iq.models.resnet20(num_classes=7)
+    x = torch.randn(2, 3, 16, 16)
+    model = _trained_once(iq.static(fp, "pact", 3, x, layer_bits={"layer3.*": 4}), x)
+    iq.save(model, tmp_path / "m.pt")
+    loaded = iq.load(tmp_path / "m.pt")
+    assert loaded.model.layer3[0].conv1.bits == 4 and loaded.model.layer2[0].conv1.bits == 3
+    assert torch.equal(loaded.layer_bits, model.layer_bits)
+    batch = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), model(batch), atol=0, rtol=0)

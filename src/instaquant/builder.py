@@ -123,6 +123,7 @@ def build_model(
             signed,
             q.product_bits,
             q.weight_bits,
+            q.layer_bits,
         )
     return dynamic(fp, spec_from_config(cfg, signed), example)
 

@@ -222,7 +222,7 @@ def _fixed_bits(
 ) -> contextlib.AbstractContextManager:
     """The model at ``--bits`` (printed, layer by layer), or as it is when none is given."""
     from .convert import DynamicQuantModel
-    from .policy import describe, resolve_bits
+    from .policy import describe, resolve_bits, static_layer_bits
 
     if args.bits is None:
         return contextlib.nullcontext()
@@ -234,6 +234,16 @@ def _fixed_bits(
     bits = resolve_bits(args.bits, model, batches)
     stream = sys.stderr if getattr(args, "json", False) else sys.stdout  # keep --json parseable
     text = f"every image at fixed bits ({args.bits}), no controller:\n{describe(bits, model)}"
+    layer_bits = static_layer_bits(bits, model)
+    if layer_bits is not None:  # to train the same mixed precision as a static model
+        spec = model.spec
+        fixed = f"quant.bits=[{spec.fixed_bits}]" + (
+            f" quant.weight_bits={spec.weight_bits}" if spec.weight_bits is not None else ""
+        )
+        mapping = ", ".join(f"{name}: {b}" for name, b in layer_bits.items())
+        text += (
+            f"\nas static mixed precision (config keys): {fixed} 'quant.layer_bits={{{mapping}}}'"
+        )
     print(text, file=stream)
     return model.forced_bits(*bits)
 

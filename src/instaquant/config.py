@@ -85,6 +85,8 @@ class QuantConfig:
     sample_in_eval: bool = False
     execution: str = "fast"
     product_bits: int | None = None  # attention's matrix products quantized at these bits
+    # Static mixed precision: fnmatch pattern of layer names -> bits (first match wins).
+    layer_bits: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,6 +180,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(err)
         allowed = " or ".join(_type_name(a) for a in args)
         raise ConfigError(f"config key {key!r}: {value!r} is not a {allowed}")
+    if origin is dict:
+        key_type, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return {
+            _coerce(k, key_type, key): _coerce(v, item, f"{key}[{k!r}]") for k, v in value.items()
+        }
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -377,6 +386,16 @@ def validate(cfg: Config) -> None:
         ):
             raise ConfigError(
                 f"config key 'quant.{key}': {value!r} must be null or an integer 1..8"
+            )
+    if cfg.quant.layer_bits and cfg.recipe != "static":
+        raise ConfigError(
+            "config key 'quant.layer_bits' sets bits per layer of a static model; it needs "
+            "recipe static (a DQ model chooses its own)"
+        )
+    for pattern, value in cfg.quant.layer_bits.items():
+        if not 1 <= value <= 8:
+            raise ConfigError(
+                f"config key 'quant.layer_bits[{pattern!r}]': {value} is outside 1..8"
             )
     if cfg.quant.weight_bits is not None and cfg.quant.separate:
         raise ConfigError(

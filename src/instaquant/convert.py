@@ -845,6 +845,7 @@ def static(
     signed: dict[str, bool] | None = None,
     product_bits: int | None = None,
     weight_bits: int | None = None,
+    layer_bits: dict[str, int] | None = None,
 ) -> StaticQuantModel:
     """The fixed-bit baseline with the same full-precision/quantized layer choices as :func:`dynamic`.
 
@@ -864,6 +865,10 @@ def static(
         weight_bits (int | None, None): weights at this many bits and activations at
             ``bits`` (W4A3: ``bits=3, weight_bits=4``), as in :class:`DynamicSpec`; None:
             both at ``bits``.
+        layer_bits (dict[str, int] | None, None): mixed precision: fnmatch patterns of layer
+            names to the bit-width of the layers they match (the first matching pattern wins;
+            activation bits only when ``weight_bits`` fixes the weights); every other
+            quantized layer at ``bits``. A DQ model's layer policy given as static layers.
     """
     _check_bits((bits,), "bits")
     _check_method(method, (bits,))
@@ -881,11 +886,12 @@ def static(
     unknown = set(signed) - {i.name for i in layers}
     if unknown:
         raise ValueError(f"signed names unknown layers: {', '.join(sorted(unknown))}")
+    chosen = bits_per_layer(layers, bits, layer_bits or {}, method)
     for info in layers:
         if info.role == "fp" or info.op == "product":
             continue
         info.role = "static"
-        info.bits = info.bits or (bits,)
+        info.bits = info.bits or (chosen[info.name],)
         if info.pinned_bits is None:
             info.weight_bits = weight_bits
         info.input_negative = signed.get(info.name, info.input_negative)
@@ -905,5 +911,33 @@ def static(
         "share": bool(share),
         "product_bits": product_bits,
         "weight_bits": weight_bits,
+        "layer_bits": dict(layer_bits or {}),
     }
     return result
+
+
+def bits_per_layer(
+    layers: list[LayerInfo], bits: int, layer_bits: dict[str, int], method: str
+) -> dict[str, int]:
+    """The bit-width of every quantized layer of a static model: the first pattern of
+    ``layer_bits`` that matches one of its names, else ``bits``. A pattern that matches no
+    quantized layer is refused, as a typo would otherwise leave the model at ``bits``."""
+    quantized = [i for i in layers if i.role != "fp" and i.op != "product"]
+    names = {i.name: (i.name, *i.aliases) for i in quantized}
+    for pattern, b in layer_bits.items():
+        _check_bits((b,), f"layer_bits[{pattern!r}]")
+        _check_method(method, (b,))
+        if not any(fnmatch.fnmatch(n, pattern) for all_names in names.values() for n in all_names):
+            shown = ", ".join(list(names)[:3])
+            raise ValueError(
+                f"layer_bits pattern {pattern!r} matches no quantized layer (full-precision "
+                f"and pinned layers keep their bits); quantized layers are named like {shown}, ..."
+            )
+    pinned = {i.name for i in quantized if i.pinned_bits is not None}
+    chosen = {}
+    for name, all_names in names.items():
+        match = next((p for p in layer_bits if any(fnmatch.fnmatch(n, p) for n in all_names)), None)
+        if match is not None and name in pinned:
+            raise ValueError(f"layer_bits pattern {match!r} names {name!r}, pinned at 8 bits")
+        chosen[name] = bits if match is None else layer_bits[match]
+    return chosen

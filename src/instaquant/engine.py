@@ -220,6 +220,7 @@ def _summary_entry(
         "method": None if cfg.recipe == "fp" else cfg.quant.method,
         "bits": None if cfg.recipe == "fp" else list(cfg.quant.bits),
         "weight_bits": None if cfg.recipe == "fp" else cfg.quant.weight_bits,
+        **({"layer_bits": dict(cfg.quant.layer_bits)} if cfg.quant.layer_bits else {}),
         "top1": metrics["top1"],
         "top5": metrics["top5"],
         "best_top1": best,

@@ -76,6 +76,17 @@ def describe(bits: Bits, model: DynamicQuantModel) -> str:
     return "\n".join(f"  {info.name:<32} W{w}A{a}" for info, w, a in rows)
 
 
+def static_layer_bits(bits: Bits, model: DynamicQuantModel) -> dict[str, int] | None:
+    """A fixed assignment as the ``layer_bits`` of a static model (:func:`instaquant.static`,
+    config ``quant.layer_bits``) whose other quantized layers are at ``spec.fixed_bits``: the
+    dynamic layers by name; activation bits only when ``weight_bits`` fixes the weights. None
+    when weights and activations differ in some layer (a static layer has one bit-width)."""
+    chosen_w, chosen_a = bits
+    if model.spec.weight_bits is None and list(chosen_w) != list(chosen_a):
+        return None
+    return {info.name: int(b) for info, b in zip(model.dynamic_layers, chosen_a, strict=True)}
+
+
 def recorded_bits(policy: Bits, weight_bits: int | None) -> list[list[int]]:
     """A policy as [bits_w, bits_a] per layer, for the record: with ``weight_bits`` fixed the
     candidate names the activation bits only, and the weights are at ``weight_bits``."""

@@ -89,6 +89,7 @@ def load(
             entry["signed"],
             s.get("product_bits"),
             s.get("weight_bits"),
+            s.get("layer_bits"),
         )
     load_model_state(result, ckpt["model"], f"file {str(path)!r}")
     if isinstance(result, DynamicQuantModel):

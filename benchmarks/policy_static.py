@@ -10,6 +10,11 @@ itself, or only inside DQ's training? The policy is the run's ``headroom.layer_p
 without their labels; the layers before the tap keep the run's fixed bits.
 
     python benchmarks/policy_static.py RUN --fp-init FP.pt --seeds 0 1   # about 40 min a run
+
+``--distill fp`` trains with the full-precision start as a frozen teacher (DQ's runs distil from
+their highest candidate, which a static model lacks): is DQ's edge at the same mix only the
+teacher? ``--reference`` trains static 4-bit instead of the mix, with the same options, so that
+the teacher's effect on the static line is measured too.
 """
 
 from __future__ import annotations
@@ -55,14 +60,35 @@ def policy_of(run: Path) -> dict:
     return quant
 
 
-def policy_plan(runs: list[dict], out: Path, quant: dict, tag: str, seeds: list[int]) -> list[dict]:
-    """Static at ``quant`` once per QAT seed, all else as the main table's static 4-bit run."""
-    base = next(r for r in runs if r["name"] == f"{quant['method']}_static4")
+def policy_plan(
+    runs: list[dict],
+    out: Path,
+    quant: dict | None,
+    tag: str,
+    seeds: list[int],
+    distill: str = "none",
+) -> list[dict]:
+    """Static at ``quant`` (``None``: the static 4-bit reference itself) once per QAT seed, all
+    else as the main table's static 4-bit run; ``distill="fp"`` adds the full-precision teacher
+    and ``+distill_fp`` to the names."""
+    base = next(r for r in runs if r["name"].endswith("_static4"))
+    name = base["name"] if quant is None else f"{base['quant']['method']}_static_policy_{tag}"
+    extra = {} if distill == "none" else {"distill": {"teacher": distill}}
+    name += "" if distill == "none" else f"+distill_{distill}"
     plans = []
     for seed in seeds:
-        name = f"{quant['method']}_static_policy_{tag}" + (f"_seed{seed}" if seed else "")
-        plans.append({**base, "name": name, "out": str(out / name), "quant": quant, "seed": seed})
+        seeded = name + (f"_seed{seed}" if seed else "")
+        run = {**base, **extra, "name": seeded, "out": str(out / seeded), "seed": seed}
+        plans.append({**run, "quant": quant or base["quant"]})
     return plans
+
+
+def merged(path: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` replacing those of the same name in ``path``'s runs: runs of one tag trained by
+    separate processes (one per seed) share the file."""
+    old = json.loads(path.read_text())["runs"] if path.exists() else []
+    names = {r["name"] for r in rows}
+    return [r for r in old if r["name"] not in names] + rows
 
 
 def main() -> None:
@@ -73,6 +99,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="QAT seeds")
     p.add_argument("--tag", help="names the runs pact_static_policy_TAG[_seedS]; default: run's")
     p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
+    p.add_argument(
+        "--distill", choices=["none", "fp"], default="none", help="teacher (default none)"
+    )
+    p.add_argument("--reference", action="store_true", help="train static 4-bit, not the mix")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,13 +112,15 @@ def main() -> None:
     root = args.root or extract(args.archive, args.data_dir)
     runs = plan(root, args.out, "learn", [quant["method"]], args.limit, args.fp_init)
     tag = args.tag or args.run.name
-    entries = run_all(policy_plan(runs, args.out, quant, tag, args.seeds), args.progress,
-                      not args.tables_only)  # fmt: skip
+    plans = policy_plan(runs, args.out, None if args.reference else quant, tag, args.seeds,
+                        args.distill)  # fmt: skip
+    entries = run_all(plans, args.progress, not args.tables_only)
     if not entries:
         raise SystemExit("no run has finished yet: nothing to tabulate")
     print(format_table(entries))
     path = args.out / f"policy_static_{tag}.json"
-    path.write_text(json.dumps({"runs": machine_results(entries)}, indent=2) + "\n")
+    rows = merged(path, machine_results(entries))
+    path.write_text(json.dumps({"runs": rows}, indent=2) + "\n")
     print(f"wrote {path}")
 
 

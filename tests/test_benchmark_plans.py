@@ -502,6 +502,25 @@ def test_policy_static_trains_the_runs_layer_policy_as_the_static_runs_do(tmp_pa
         diff = {k for k in cfg if k not in ("name", "out") and cfg[k] != static4[k]}
         assert diff <= {"quant", "seed"} and cfg["seed"] == (raw["name"][-1] == "1")
         assert cfg["quant"] == {**static4["quant"], "bits": [3], "layer_bits": quant["layer_bits"]}
+    taught = script.policy_plan(runs, tmp_path / "out", quant, "p", [0], "fp")
+    reference = script.policy_plan(runs, tmp_path / "out", None, "p", [1], "fp")
+    assert [p["name"] for p in taught + reference] == [
+        "pact_static_policy_p+distill_fp",
+        "pact_static4+distill_fp_seed1",
+    ]
+    for raw, bits in ((taught[0], [3]), (reference[0], [4])):
+        cfg = config.from_dict(raw).to_dict()
+        assert cfg["distill"]["teacher"] == "fp" and cfg["quant"]["bits"] == bits
+    assert "layer_bits" not in reference[0]["quant"]
     (run / "summary.json").write_text(json.dumps({"runs": [{"headroom": {}}]}))
     with pytest.raises(SystemExit, match="records no layer policy"):
         script.policy_of(run)
+
+
+def test_policy_static_tables_of_separate_processes_are_merged(tmp_path):
+    script = _policy_script()
+    path = tmp_path / "policy_static_p.json"
+    assert script.merged(path, [{"name": "a", "top1": 1.0}]) == [{"name": "a", "top1": 1.0}]
+    path.write_text(json.dumps({"runs": [{"name": "a", "top1": 1.0}, {"name": "b"}]}))
+    rows = script.merged(path, [{"name": "a", "top1": 2.0}, {"name": "c"}])
+    assert rows == [{"name": "b"}, {"name": "a", "top1": 2.0}, {"name": "c"}]

@@ -13,8 +13,8 @@ without their labels; the layers before the tap keep the run's fixed bits.
 
 ``--distill fp`` trains with the full-precision start as a frozen teacher (DQ's runs distil from
 their highest candidate, which a static model lacks): is DQ's edge at the same mix only the
-teacher? ``--reference`` trains static 4-bit instead of the mix, with the same options, so that
-the teacher's effect on the static line is measured too.
+teacher? ``--reference B`` trains uniform static B-bit instead of the mix, with the same
+options, so that the teacher's effect on the static line is measured too.
 """
 
 from __future__ import annotations
@@ -63,23 +63,27 @@ def policy_of(run: Path) -> dict:
 def policy_plan(
     runs: list[dict],
     out: Path,
-    quant: dict | None,
+    quant: dict | int,
     tag: str,
     seeds: list[int],
     distill: str = "none",
 ) -> list[dict]:
-    """Static at ``quant`` (``None``: the static 4-bit reference itself) once per QAT seed, all
-    else as the main table's static 4-bit run; ``distill="fp"`` adds the full-precision teacher
-    and ``+distill_fp`` to the names."""
+    """Static at ``quant`` (an int: uniform static at that many bits, a reference) once per QAT
+    seed, all else as the main table's static 4-bit run; ``distill="fp"`` adds the
+    full-precision teacher and ``+distill_fp`` to the names."""
     base = next(r for r in runs if r["name"].endswith("_static4"))
-    name = base["name"] if quant is None else f"{base['quant']['method']}_static_policy_{tag}"
+    method = base["quant"]["method"]
+    if isinstance(quant, int):
+        name, quant = f"{method}_static{quant}", {**base["quant"], "bits": [quant]}
+    else:
+        name = f"{method}_static_policy_{tag}"
     extra = {} if distill == "none" else {"distill": {"teacher": distill}}
     name += "" if distill == "none" else f"+distill_{distill}"
     plans = []
     for seed in seeds:
         seeded = name + (f"_seed{seed}" if seed else "")
         run = {**base, **extra, "name": seeded, "out": str(out / seeded), "seed": seed}
-        plans.append({**run, "quant": quant or base["quant"]})
+        plans.append({**run, "quant": quant})
     return plans
 
 
@@ -102,7 +106,9 @@ def main() -> None:
     p.add_argument(
         "--distill", choices=["none", "fp"], default="none", help="teacher (default none)"
     )
-    p.add_argument("--reference", action="store_true", help="train static 4-bit, not the mix")
+    p.add_argument(
+        "--reference", type=int, choices=range(2, 9), metavar="B", help="train static B-bit instead"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,7 +118,7 @@ def main() -> None:
     root = args.root or extract(args.archive, args.data_dir)
     runs = plan(root, args.out, "learn", [quant["method"]], args.limit, args.fp_init)
     tag = args.tag or args.run.name
-    plans = policy_plan(runs, args.out, None if args.reference else quant, tag, args.seeds,
+    plans = policy_plan(runs, args.out, args.reference or quant, tag, args.seeds,
                         args.distill)  # fmt: skip
     entries = run_all(plans, args.progress, not args.tables_only)
     if not entries:

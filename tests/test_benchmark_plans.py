@@ -503,12 +503,14 @@ def test_policy_static_trains_the_runs_layer_policy_as_the_static_runs_do(tmp_pa
         assert diff <= {"quant", "seed"} and cfg["seed"] == (raw["name"][-1] == "1")
         assert cfg["quant"] == {**static4["quant"], "bits": [3], "layer_bits": quant["layer_bits"]}
     taught = script.policy_plan(runs, tmp_path / "out", quant, "p", [0], "fp")
-    reference = script.policy_plan(runs, tmp_path / "out", None, "p", [1], "fp")
+    reference = script.policy_plan(runs, tmp_path / "out", 3, "p", [1], "fp")
     assert [p["name"] for p in taught + reference] == [
         "pact_static_policy_p+distill_fp",
-        "pact_static4+distill_fp_seed1",
+        "pact_static3+distill_fp_seed1",
     ]
-    for raw, bits in ((taught[0], [3]), (reference[0], [4])):
+    static3 = config.from_dict(next(r for r in runs if r["name"] == "pact_static3")).to_dict()
+    assert config.from_dict(reference[0]).to_dict()["quant"] == static3["quant"]
+    for raw, bits in ((taught[0], [3]), (reference[0], [3])):
         cfg = config.from_dict(raw).to_dict()
         assert cfg["distill"]["teacher"] == "fp" and cfg["quant"]["bits"] == bits
     assert "layer_bits" not in reference[0]["quant"]

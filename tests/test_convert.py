@@ -542,7 +542,8 @@ def test_layer_bits_give_each_matching_layer_its_bits():
         (dict(layer_bits={"conv1": 4}), "pattern 'conv1' matches no quantized layer"),
         (dict(layer_bits={"layer3.*": 9}), r"layer_bits\['layer3.\*'\] contains 9"),
         (dict(layer_bits={"layer3.*": 4}, first_last="8bit", exclude=()), None),
-        (dict(layer_bits={"fc": 4}, first_last="8bit"), "names 'fc', pinned at 8 bits"),
+        (dict(layer_bits={"*": 4}, first_last="8bit", exclude=()), None),
+        (dict(layer_bits={"fc": 4}, first_last="8bit"), "names only fc, pinned at 8 bits"),
     ],
 )
 def test_bad_layer_bits_are_refused_in_one_line(kwargs, message):

@@ -919,25 +919,34 @@ def static(
 def bits_per_layer(
     layers: list[LayerInfo], bits: int, layer_bits: dict[str, int], method: str
 ) -> dict[str, int]:
-    """The bit-width of every quantized layer of a static model: the first pattern of
-    ``layer_bits`` that matches one of its names, else ``bits``. A pattern that matches no
-    quantized layer is refused, as a typo would otherwise leave the model at ``bits``."""
+    """The bit-width of every quantized layer of a static model that is not pinned: the first
+    pattern of ``layer_bits`` that matches one of its names, else ``bits``. Pinned layers keep
+    their 8 bits (``"*"`` passes them by); a pattern that matches no other quantized layer is
+    refused, as a typo would otherwise leave the model at ``bits``."""
     quantized = [i for i in layers if i.role != "fp" and i.op != "product"]
-    names = {i.name: (i.name, *i.aliases) for i in quantized}
+    names = {i.name: (i.name, *i.aliases) for i in quantized if i.pinned_bits is None}
+    pinned = {i.name: (i.name, *i.aliases) for i in quantized if i.pinned_bits is not None}
+
+    def matching(pattern: str, table: dict[str, tuple[str, ...]]) -> list[str]:
+        return [k for k, all_names in table.items() if fnmatch.filter(all_names, pattern)]
+
     for pattern, b in layer_bits.items():
         _check_bits((b,), f"layer_bits[{pattern!r}]")
         _check_method(method, (b,))
-        if not any(fnmatch.fnmatch(n, pattern) for all_names in names.values() for n in all_names):
-            shown = ", ".join(list(names)[:3])
+        if matching(pattern, names):
+            continue
+        if matching(pattern, pinned):
             raise ValueError(
-                f"layer_bits pattern {pattern!r} matches no quantized layer (full-precision "
-                f"and pinned layers keep their bits); quantized layers are named like {shown}, ..."
+                f"layer_bits pattern {pattern!r} names only {', '.join(matching(pattern, pinned))}, "
+                "pinned at 8 bits (first_last='8bit'); pinned layers keep their bits"
             )
-    pinned = {i.name for i in quantized if i.pinned_bits is not None}
+        shown = ", ".join(list(names)[:3])
+        raise ValueError(
+            f"layer_bits pattern {pattern!r} matches no quantized layer (full-precision and "
+            f"pinned layers keep their bits); quantized layers are named like {shown}, ..."
+        )
     chosen = {}
     for name, all_names in names.items():
-        match = next((p for p in layer_bits if any(fnmatch.fnmatch(n, p) for n in all_names)), None)
-        if match is not None and name in pinned:
-            raise ValueError(f"layer_bits pattern {match!r} names {name!r}, pinned at 8 bits")
+        match = next((p for p in layer_bits if fnmatch.filter(all_names, p)), None)
         chosen[name] = bits if match is None else layer_bits[match]
     return chosen

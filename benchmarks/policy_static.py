@@ -9,7 +9,7 @@ itself, or only inside DQ's training? The policy is the run's ``headroom.layer_p
 (summary.json): each dynamic layer's most frequent choice on the test images, found
 without their labels; the layers before the tap keep the run's fixed bits.
 
-    python benchmarks/policy_static.py RUN --fp-init FP.pt --seeds 0 1   # about 40 min a run
+    python benchmarks/policy_static.py RUN --fp-init FP.pt --seeds 0 1   # 49-60 min a run, 2 CPU cores
 
 ``--distill fp`` trains with the full-precision start as a frozen teacher (DQ's runs distil from
 their highest candidate, which a static model lacks): is DQ's edge at the same mix only the

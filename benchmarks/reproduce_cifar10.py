@@ -16,6 +16,9 @@ accuracy-vs-BitOPs plot into ``--out``.
     python benchmarks/reproduce_cifar10.py --paper   # the full schedules (a GPU)
     python benchmarks/reproduce_cifar10.py --quick --ablations   # + about 35 min of PACT runs
     python benchmarks/reproduce_cifar10.py --learn --fp-init FP.pt --tables-only   # no training
+    # one run per process, two at once on 2 cores (here LSQ static 3-bit and an LSQ DQ option)
+    python benchmarks/reproduce_cifar10.py --learn --fp-init FP.pt --methods lsq --levers stats \
+        --only lsq_static3 --threads 1
 
 Data: ``--archive`` (the CIFAR-10 JPEG tarball in ImageFolder layout, extracted once to
 ``--data-dir``) or ``--root`` (an extracted ``train/`` + ``test/`` folder).
@@ -29,6 +32,8 @@ import tarfile
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from instaquant import config as config_mod
 from instaquant.checkpoint import load_checkpoint
@@ -189,18 +194,18 @@ def dq_run(run: Any, method: str, budget: int, init: dict, qat: dict) -> dict:
     )
 
 
-def lever_plan(runs: list[dict], out: Path, names: list[str]) -> list[dict]:
-    """PACT DQ at the 3-bit budget once per named lever (:data:`LEVERS`), all else equal.
+def lever_plan(runs: list[dict], out: Path, names: list[str], method: str = "pact") -> list[dict]:
+    """``method``'s DQ at the 3-bit budget once per named lever (:data:`LEVERS`), all else equal.
 
     A name joining levers with ``+`` (``candidate_bn+warmup``) is one run with all of them.
     """
-    base = next(r for r in runs if r["name"] == "pact_dq_budget3")
+    base = next(r for r in runs if r["name"] == f"{method}_dq_budget3")
     plans = []
     for name in names:
         run = {
             **base,
-            "name": f"pact_dq_budget3_{name}",
-            "out": str(out / f"pact_dq_budget3_{name}"),
+            "name": f"{method}_dq_budget3_{name}",
+            "out": str(out / f"{method}_dq_budget3_{name}"),
         }
         for part in name.split("+"):
             for section, changes in LEVERS[part].items():
@@ -214,16 +219,18 @@ def lever_plan(runs: list[dict], out: Path, names: list[str]) -> list[dict]:
     return plans
 
 
-def static_seed_plan(runs: list[dict], out: Path, seeds: list[int]) -> list[dict]:
-    """PACT static 3- and 4-bit once per QAT seed, all else as the main table's: the static
-    line of the seeds that ``seed1`` and ``seed2`` train DQ with, so that DQ and static compare
-    on the same seed."""
+def static_seed_plan(
+    runs: list[dict], out: Path, seeds: list[int], method: str = "pact"
+) -> list[dict]:
+    """``method``'s static 3- and 4-bit once per QAT seed, all else as the main table's: the
+    static line of the seeds that ``seed1`` and ``seed2`` train DQ with, so that DQ and static
+    compare on the same seed."""
     by_name = {r["name"]: r for r in runs}
     plans = []
     for seed in seeds:
         for bits in FIRST_STATIC:
-            name = f"pact_static{bits}_seed{seed}"
-            base = by_name[f"pact_static{bits}"]
+            name = f"{method}_static{bits}_seed{seed}"
+            base = by_name[f"{method}_static{bits}"]
             plans.append({**base, "name": name, "out": str(out / name), "seed": seed})
     return plans
 
@@ -267,16 +274,19 @@ def ablation_plan(runs: list[dict], out: Path, schedule: str) -> list[dict]:
     ]
 
 
-def run_all(raws: list[dict], progress: bool, train: bool = True) -> list[dict]:
+def run_all(
+    raws: list[dict], progress: bool, train: bool = True, only: set[str] | None = None
+) -> list[dict]:
     """Train (or resume, or skip when finished) each run; their summary entries. With
-    ``train=False`` only the finished runs' entries, nothing trained."""
+    ``train=False`` only the finished runs' entries, nothing trained; with ``only`` just the
+    named runs are trained (another process may be training the rest)."""
     entries = []
     for raw in raws:
         cfg = config_mod.from_dict(raw)
         summary = Path(cfg.out) / "summary.json"
         if summary.exists():
             print(f"== {cfg.name}: done before, skipped", flush=True)
-        elif not train:
+        elif not train or (only is not None and cfg.name not in only):
             print(f"== {cfg.name}: not finished, left out of the tables", flush=True)
             continue
         else:
@@ -405,7 +415,8 @@ def main() -> None:
         "--levers",
         nargs="*",
         type=lever_name,
-        help="then PACT DQ at the 3-bit budget once per named option (all when none named); "
+        help="then each method's DQ at the 3-bit budget once per named option (all when none "
+        "named); "
         f"options: {', '.join(sorted(LEVERS))}; join with + to combine (candidate_bn+warmup); "
         "budget070 and budget075 move the budget to 0.70x and 0.744x static 4-bit's BitOPs, "
         "seed1 and seed2 change the seed",
@@ -414,9 +425,17 @@ def main() -> None:
         "--static-seeds",
         nargs="+",
         type=int,
-        help="then PACT static 3- and 4-bit once per given QAT seed (the static line of seed1 "
-        "and seed2)",
+        help="then each method's static 3- and 4-bit once per given QAT seed (the static line "
+        "of seed1 and seed2)",
     )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="train only the named runs (to train two at once, one per process); the other "
+        "finished runs still enter the tables",
+    )
+    p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
     p.add_argument(
         "--weights4-static",
         nargs="*",
@@ -434,22 +453,36 @@ def main() -> None:
     args.methods = args.methods or (["pact"] if args.learn else ["dorefa", "pact"])
     if args.learn and args.fp_init is None:
         p.error("--learn starts from a trained full-precision model: give --fp-init PATH")
-    if args.levers is not None and "pact" not in args.methods:
-        p.error("--levers varies the PACT DQ run: include pact in --methods")
     if args.weights4_static is not None and "pact" not in args.methods:
         p.error("--weights4-static trains PACT static runs: include pact in --methods")
-    if args.static_seeds and "pact" not in args.methods:
-        p.error("--static-seeds trains PACT static runs: include pact in --methods")
     if args.ablations and "pact" not in args.methods:
         # Checked before the main runs, not after hours of training.
         p.error("--ablations varies the PACT runs: include pact in --methods")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     schedule = "quick" if args.quick else "learn" if args.learn else "paper"
     root = args.root or extract(args.archive, args.data_dir)
     t0 = time.time()
     runs = plan(root, args.out, schedule, args.methods, args.limit, args.fp_init)
     train = not args.tables_only
-    entries = run_all(runs, args.progress, train)
+    levered = args.levers is not None
+    names = (args.levers or sorted(LEVERS)) if levered else []
+    lever_runs = [r for m in args.methods for r in lever_plan(runs, args.out, names, m)]
+    seeds = args.static_seeds or []
+    seed_runs = [r for m in args.methods for r in static_seed_plan(runs, args.out, seeds, m)]
+    w4_seeds = args.weights4_static
+    weights4_runs = (
+        [] if w4_seeds is None else weights4_static_plan(runs, args.out, w4_seeds or [0])
+    )
+    only = set(args.only) if args.only else None
+    known = {r["name"] for r in [*runs, *lever_runs, *seed_runs, *weights4_runs]}
+    if only is not None and only - known:
+        p.error(
+            f"--only names no planned run: {', '.join(sorted(only - known))}; "
+            f"planned: {', '.join(sorted(known))}"
+        )
+    entries = run_all(runs, args.progress, train, only)
     if args.fp_init is not None:
         entries.insert(0, fp_entry(args.fp_init))
     wall = time.time() - t0
@@ -458,18 +491,9 @@ def main() -> None:
     (args.out / "results.json").write_text(
         json.dumps({"schedule": schedule, "runs": entries}, indent=2)
     )
-    lever_entries = []
-    if args.levers is not None:
-        names = args.levers or sorted(LEVERS)
-        lever_entries = run_all(lever_plan(runs, args.out, names), args.progress, train)
-    seed_entries = []
-    if args.static_seeds:
-        seeded = static_seed_plan(runs, args.out, args.static_seeds)
-        seed_entries = run_all(seeded, args.progress, train)
-    weights4_entries = []
-    if args.weights4_static is not None:
-        fixed = weights4_static_plan(runs, args.out, args.weights4_static or [0])
-        weights4_entries = run_all(fixed, args.progress, train)
+    lever_entries = run_all(lever_runs, args.progress, train, only)
+    seed_entries = run_all(seed_runs, args.progress, train, only)
+    weights4_entries = run_all(weights4_runs, args.progress, train, only)
     (args.out / "cifar10.json").write_text(
         json.dumps(
             {"runs": machine_results([*entries, *lever_entries, *seed_entries, *weights4_entries])},
@@ -499,7 +523,12 @@ def main() -> None:
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {plot}")
     if lever_entries:
         base = {e["name"]: e for e in entries}
-        keep = [base[n] for n in ("pact_static3", "pact_dq_budget3") if n in base]
+        keep = [
+            base[f"{m}_{run}"]
+            for m in args.methods
+            for run in ("static3", "dq_budget3")
+            if f"{m}_{run}" in base
+        ]
         table = format_table([*keep, *lever_entries])
         print(table)
         (args.out / "levers.json").write_text(
@@ -507,7 +536,12 @@ def main() -> None:
         )
         (args.out / "levers.md").write_text(f"```\n{table}\n```\n")
         # Zoomed on the static 3- to 4-bit segment, where the options' runs land.
-        shown = [base[n] for n in ("pact_static3", "pact_static4", "pact_dq_budget3") if n in base]
+        shown = [
+            base[f"{m}_{run}"]
+            for m in args.methods
+            for run in ("static3", "static4", "dq_budget3")
+            if f"{m}_{run}" in base
+        ]
         plot = plot_accuracy_vs_bitops(
             [*shown, *lever_entries],
             args.out / "levers_accuracy_vs_bitops.png",

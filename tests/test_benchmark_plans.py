@@ -123,6 +123,59 @@ def test_static_seed_plan_changes_only_the_seed(tmp_path):
         assert cfg["out"] == str(tmp_path / "out" / raw["name"])
 
 
+def test_levers_and_seeds_of_another_method_differ_from_pacts_only_in_the_method(tmp_path):
+    script = _script()
+    runs = script.plan(
+        tmp_path / "data", tmp_path / "out", "learn", ["pact", "lsq"], None, tmp_path / "fp.pt"
+    )
+    pairs = [
+        (
+            script.lever_plan(runs, tmp_path / "out", ["candidate_bn+stats"], m)[0]
+            for m in ("pact", "lsq")
+        ),
+        (script.static_seed_plan(runs, tmp_path / "out", [1], m)[1] for m in ("pact", "lsq")),
+    ]
+    for pact, lsq in pairs:
+        assert lsq["name"] == pact["name"].replace("pact_", "lsq_", 1)
+        pact_cfg, lsq_cfg = (config.from_dict(r).to_dict() for r in (pact, lsq))
+        assert lsq_cfg["quant"] == {**pact_cfg["quant"], "method": "lsq"}
+        assert {k: v for k, v in lsq_cfg.items() if k not in ("name", "out", "quant")} == {
+            k: v for k, v in pact_cfg.items() if k not in ("name", "out", "quant")
+        }
+
+
+def test_only_trains_the_named_runs_and_refuses_unknown_names_first(tmp_path, monkeypatch, capsys):
+    script = _script()
+    trained = []
+    monkeypatch.setattr(script, "fit", lambda cfg, **k: trained.append(cfg.name))
+    argv = ["reproduce_cifar10.py", "--learn", "--fp-init", str(tmp_path / "fp.pt")]
+    argv += ["--root", str(tmp_path), "--out", str(tmp_path / "out"), "--methods", "lsq"]
+    monkeypatch.setattr("sys.argv", [*argv, "--levers", "stats", "--only", "lsq_bogus"])
+    with pytest.raises(SystemExit) as stop:
+        script.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--only names no planned run: lsq_bogus" in err
+    assert "lsq_dq_budget3_stats" in err and trained == []
+
+    def fit(cfg, **kw):  # a finished run: its summary, as engine.fit writes it
+        trained.append(cfg.name)
+        entry = {"name": cfg.name, "recipe": cfg.recipe, "method": "lsq", "bits": [3]}
+        entry.update(top1=80.0, bitops_rel=0.5625, mean_bits=3.0)
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "summary.json").write_text(json.dumps({"runs": [entry]}))
+
+    monkeypatch.setattr(script, "fit", fit)
+    fp = {"name": "fp", "recipe": "fp", "method": None, "bits": None, "top1": 85.0}
+    monkeypatch.setattr(script, "fp_entry", lambda path: {**fp, "bitops_rel": None})
+    only = ["lsq_dq_budget3_stats", "lsq_static3"]
+    monkeypatch.setattr("sys.argv", [*argv, "--levers", "stats", "--only", *only])
+    script.main()
+    assert trained == ["lsq_static3", "lsq_dq_budget3_stats"]
+    tables = (tmp_path / "out" / "levers.md").read_text()
+    assert "lsq_static3" in tables and "lsq_dq_budget3_stats" in tables
+    assert "lsq_static4" not in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_weights4_static_plan_changes_only_the_activation_bits(tmp_path):
     script = _script()
     runs = script.plan(

@@ -395,6 +395,23 @@ def common_arguments(p: argparse.ArgumentParser, out: Path) -> None:
     )
 
 
+def all_plans(
+    args: argparse.Namespace, root: Path, schedule: str
+) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """The main table's runs, then those of ``--levers``, ``--static-seeds`` and
+    ``--weights4-static`` (empty lists where not asked for), in the order they train."""
+    runs = plan(root, args.out, schedule, args.methods, args.limit, args.fp_init)
+    names = (args.levers or sorted(LEVERS)) if args.levers is not None else []
+    lever_runs = [r for m in args.methods for r in lever_plan(runs, args.out, names, m)]
+    seeds = args.static_seeds or []
+    seed_runs = [r for m in args.methods for r in static_seed_plan(runs, args.out, seeds, m)]
+    w4_seeds = args.weights4_static
+    weights4_runs = (
+        [] if w4_seeds is None else weights4_static_plan(runs, args.out, w4_seeds or [0])
+    )
+    return runs, lever_runs, seed_runs, weights4_runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
@@ -462,26 +479,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     schedule = "quick" if args.quick else "learn" if args.learn else "paper"
+    only = set(args.only) if args.only else None
+    if only is not None:  # run names do not depend on where the data lies: check before extracting
+        known = {r["name"] for plans in all_plans(args, args.data_dir, schedule) for r in plans}
+        if only - known:
+            p.error(
+                f"--only names no planned run: {', '.join(sorted(only - known))}; "
+                f"planned: {', '.join(sorted(known))}"
+            )
     root = args.root or extract(args.archive, args.data_dir)
     t0 = time.time()
-    runs = plan(root, args.out, schedule, args.methods, args.limit, args.fp_init)
+    runs, lever_runs, seed_runs, weights4_runs = all_plans(args, root, schedule)
     train = not args.tables_only
-    levered = args.levers is not None
-    names = (args.levers or sorted(LEVERS)) if levered else []
-    lever_runs = [r for m in args.methods for r in lever_plan(runs, args.out, names, m)]
-    seeds = args.static_seeds or []
-    seed_runs = [r for m in args.methods for r in static_seed_plan(runs, args.out, seeds, m)]
-    w4_seeds = args.weights4_static
-    weights4_runs = (
-        [] if w4_seeds is None else weights4_static_plan(runs, args.out, w4_seeds or [0])
-    )
-    only = set(args.only) if args.only else None
-    known = {r["name"] for r in [*runs, *lever_runs, *seed_runs, *weights4_runs]}
-    if only is not None and only - known:
-        p.error(
-            f"--only names no planned run: {', '.join(sorted(only - known))}; "
-            f"planned: {', '.join(sorted(known))}"
-        )
     entries = run_all(runs, args.progress, train, only)
     if args.fp_init is not None:
         entries.insert(0, fp_entry(args.fp_init))

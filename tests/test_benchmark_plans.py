@@ -148,14 +148,17 @@ def test_only_trains_the_named_runs_and_refuses_unknown_names_first(tmp_path, mo
     script = _script()
     trained = []
     monkeypatch.setattr(script, "fit", lambda cfg, **k: trained.append(cfg.name))
+    monkeypatch.setattr(script, "extract", lambda *a: pytest.fail("extracted before checking"))
     argv = ["reproduce_cifar10.py", "--learn", "--fp-init", str(tmp_path / "fp.pt")]
-    argv += ["--root", str(tmp_path), "--out", str(tmp_path / "out"), "--methods", "lsq"]
+    argv += ["--out", str(tmp_path / "out"), "--methods", "lsq"]
     monkeypatch.setattr("sys.argv", [*argv, "--levers", "stats", "--only", "lsq_bogus"])
     with pytest.raises(SystemExit) as stop:
         script.main()
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "--only names no planned run: lsq_bogus" in err
     assert "lsq_dq_budget3_stats" in err and trained == []
+
+    argv += ["--root", str(tmp_path)]
 
     def fit(cfg, **kw):  # a finished run: its summary, as engine.fit writes it
         trained.append(cfg.name)

@@ -397,9 +397,10 @@ def common_arguments(p: argparse.ArgumentParser, out: Path) -> None:
 
 def all_plans(
     args: argparse.Namespace, root: Path, schedule: str
-) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-    """The main table's runs, then those of ``--levers``, ``--static-seeds`` and
-    ``--weights4-static`` (empty lists where not asked for), in the order they train."""
+) -> tuple[list[dict], list[dict], list[dict], list[dict], list[dict]]:
+    """The main table's runs, then those of ``--levers``, ``--static-seeds``,
+    ``--weights4-static`` and ``--ablations`` (empty lists where not asked for), in the order
+    they train."""
     runs = plan(root, args.out, schedule, args.methods, args.limit, args.fp_init)
     names = (args.levers or sorted(LEVERS)) if args.levers is not None else []
     lever_runs = [r for m in args.methods for r in lever_plan(runs, args.out, names, m)]
@@ -409,7 +410,8 @@ def all_plans(
     weights4_runs = (
         [] if w4_seeds is None else weights4_static_plan(runs, args.out, w4_seeds or [0])
     )
-    return runs, lever_runs, seed_runs, weights4_runs
+    ablation_runs = ablation_plan(runs, args.out, schedule) if args.ablations else []
+    return runs, lever_runs, seed_runs, weights4_runs, ablation_runs
 
 
 def main() -> None:
@@ -489,9 +491,10 @@ def main() -> None:
             )
     root = args.root or extract(args.archive, args.data_dir)
     t0 = time.time()
-    runs, lever_runs, seed_runs, weights4_runs = all_plans(args, root, schedule)
+    runs, lever_runs, seed_runs, weights4_runs, ablation_runs = all_plans(args, root, schedule)
     train = not args.tables_only
     entries = run_all(runs, args.progress, train, only)
+    args.out.mkdir(parents=True, exist_ok=True)  # with --only, no run of this table may make it
     if args.fp_init is not None:
         entries.insert(0, fp_entry(args.fp_init))
     wall = time.time() - t0
@@ -559,8 +562,9 @@ def main() -> None:
         print(f"wrote {args.out / 'levers.md'}, {args.out / 'levers.json'} and {plot}")
     if args.ablations:
         base = {e["name"]: e for e in entries}
-        extra = run_all(ablation_plan(runs, args.out, schedule), args.progress)
-        table = format_table([base["pact_static4"], base["pact_dq_budget4"], *extra])
+        extra = run_all(ablation_runs, args.progress, train, only)
+        shown = [base[n] for n in ("pact_static4", "pact_dq_budget4") if n in base]
+        table = format_table([*shown, *extra])
         print(table)
         (args.out / "ablations.json").write_text(
             json.dumps({"schedule": schedule, "runs": extra}, indent=2)

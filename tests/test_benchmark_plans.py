@@ -178,6 +178,14 @@ def test_only_trains_the_named_runs_and_refuses_unknown_names_first(tmp_path, mo
     assert "lsq_static3" in tables and "lsq_dq_budget3_stats" in tables
     assert "lsq_static4" not in (tmp_path / "out" / "results.md").read_text()
 
+    # Ablation runs follow --only too, and their table leaves out the runs not trained.
+    trained.clear()
+    argv = [*argv[:4], "--root", str(tmp_path), "--out", str(tmp_path / "ablations")]
+    monkeypatch.setattr("sys.argv", [*argv, "--ablations", "--only", "pact_static4_qat2x"])
+    script.main()
+    assert trained == ["pact_static4_qat2x"]
+    assert "pact_static4_qat2x" in (tmp_path / "ablations" / "ablations.md").read_text()
+
 
 def test_weights4_static_plan_changes_only_the_activation_bits(tmp_path):
     script = _script()

@@ -935,9 +935,10 @@ def bits_per_layer(
         _check_method(method, (b,))
         if matching(pattern, names):
             continue
-        if matching(pattern, pinned):
+        only_pinned = matching(pattern, pinned)
+        if only_pinned:
             raise ValueError(
-                f"layer_bits pattern {pattern!r} names only {', '.join(matching(pattern, pinned))}, "
+                f"layer_bits pattern {pattern!r} names only {', '.join(only_pinned)}, "
                 "pinned at 8 bits (first_last='8bit'); pinned layers keep their bits"
             )
         shown = ", ".join(list(names)[:3])

@@ -16,10 +16,13 @@ from instaquant.builder import load_for_eval
 from instaquant.data import (
     DIGITS_BLEND,
     DIGITS_CONTRAST,
+    DIGITS_MIXED,
     DIGITS_NOISE,
     DIGITS_OVERLAY,
     build_loaders,
+    class_bars,
     level_of_test_images,
+    load_digits,
     noise_of_test_images,
 )
 from instaquant.engine import fit
@@ -135,6 +138,38 @@ def test_covered_digits_are_laid_out_as_documented(name, levels, mix):
     nearest = torch.cdist(other.flatten(1), images[0].flatten(1)).argmin(1)
     assert bool((labels[nearest] != labels).all())
     assert level_of_test_images(name, n).tolist() == [v for v in levels for _ in range(per)]
+
+
+def test_mixed_kinds_are_laid_out_as_documented():
+    cfg = C.from_dict({"data": {**DATA, "name": "digits_mixed"}})
+    train, test, info = build_loaders(cfg.data, 0, "cpu")
+    _, digits, _ = load_digits()
+    per = len(digits)
+    assert len(test.data) == 2 * per and len(train.data) == 2 * (1797 - per)
+    images, labels = test.data.images.view(2, per, 1, 8, 8), test.data.labels
+    assert torch.equal(labels, digits.labels.repeat(2)) and info.name == "digits_mixed"
+    assert torch.equal(images[0], class_bars(digits.labels))
+    other = (5 * images[1] - digits.images) / 4  # the cover, recovered
+    nearest = torch.cdist(other.flatten(1), digits.images.flatten(1)).argmin(1)
+    assert float((digits.images[nearest] - other).abs().max()) < 1e-5
+    assert bool((digits.labels[nearest] != digits.labels).all())
+    assert level_of_test_images("digits_mixed", 2 * per).tolist() == [0.0] * per + [1.0] * per
+    assert DIGITS_MIXED == (0.0, 1.0)
+
+
+def test_class_bars_stay_apart_under_the_training_crop():
+    bars = class_bars(torch.arange(10))
+    padded = torch.nn.functional.pad(bars, (1, 1, 1, 1))
+    shifted = {  # every class at every shift the padded crop of one pixel makes
+        (label, dy, dx): padded[label, 0, 1 + dy : 9 + dy, 1 + dx : 9 + dx]
+        for label in range(10)
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    }
+    for (a, *_), x in shifted.items():
+        assert int(x.sum()) == 12  # both bars whole
+        for (b, *_), y in shifted.items():
+            assert a == b or not torch.equal(x, y)
 
 
 def test_controller_bits_follow_the_known_difficulty(fp_run):

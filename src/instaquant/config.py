@@ -27,6 +27,7 @@ DATASETS = (
     "digits_contrast",
     "digits_blend",
     "digits_overlay",
+    "digits_mixed",
     "cifar10",
     "cifar100",
     "imagefolder",

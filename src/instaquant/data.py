@@ -277,6 +277,9 @@ DIGITS_BLEND = (1.0, 0.8, 0.7, 0.6)
 # relative to the labelled digit: the brighter, the finer the steps that keep the fainter
 # labelled strokes apart from the cover.
 DIGITS_OVERLAY = (0.0, 2.0, 3.0, 4.0)
+# The two halves of ``digits_mixed``: 0 for the bars that name a class (right at any
+# precision), 1 for the digits under a cover of brightness 4 (they need fine activation steps).
+DIGITS_MIXED = (0.0, 1.0)
 
 # Makes one copy of a split's images at a level: (images, level, generator, partners), where
 # partners holds, for each image, one of another class (None unless asked for).
@@ -362,17 +365,53 @@ def load_digits_overlay() -> tuple[TensorData, TensorData, DatasetInfo]:
     )
 
 
-# The known level of each test image of the datasets built by :func:`_at_every_level`.
+def class_bars(labels: Tensor) -> Tensor:
+    """8x8 images of two parallel bars whose direction (vertical for classes 0-4, horizontal for
+    5-9) and distance (1 to 5 pixels) name the class: a shift by one pixel, as the training
+    crop makes, keeps both bars and their distance."""
+    images = torch.zeros(len(labels), 1, 8, 8)
+    for i, label in enumerate(labels.tolist()):
+        apart = 1 + label % 5
+        if label < 5:
+            images[i, 0, 1:7, [1, 1 + apart]] = 1.0
+        else:
+            images[i, 0, [1, 1 + apart], 1:7] = 1.0
+    return images
+
+
+def load_digits_mixed() -> tuple[TensorData, TensorData, DatasetInfo]:
+    """Two kinds of image, one per half (:data:`DIGITS_MIXED`): each digit's label drawn as
+    :func:`class_bars`, easy at any precision, and the digit under a brighter digit of another
+    class (``(digit + 4 * other) / 5``, the hardest level of ``digits_overlay``), hard at any
+    precision and harder the coarser the activation steps. Train and test alike; the test split
+    ordered bars first. A task where bits must go to some images and not others."""
+    train, test, info = load_digits()
+    gen = torch.Generator().manual_seed(2024)
+
+    def both_kinds(data: TensorData) -> TensorData:
+        other = data.images[_of_another_class(data.labels, gen)]
+        covered = (data.images + 4 * other) / 5
+        images = torch.cat([class_bars(data.labels), covered])
+        return TensorData(images, data.labels.repeat(len(DIGITS_MIXED)))
+
+    train, test = both_kinds(train), both_kinds(test)
+    mean, std = float(train.images.mean()), float(train.images.std())
+    return train, test, DatasetInfo("digits_mixed", 10, 1, 8, (mean,), (std,), info.classes)
+
+
+# The known level of each test image of the datasets built by :func:`_at_every_level`, and
+# the kind of each of ``digits_mixed``.
 LEVELED_DATASETS = {
     "digits_noise": DIGITS_NOISE,
     "digits_contrast": DIGITS_CONTRAST,
     "digits_blend": DIGITS_BLEND,
     "digits_overlay": DIGITS_OVERLAY,
+    "digits_mixed": DIGITS_MIXED,
 }
 
 
 def level_of_test_images(name: str, n: int) -> Tensor:
-    """The known level (noise strength, contrast, blend weight or cover brightness) of each of
+    """The known level (noise strength, contrast, blend weight, cover brightness or kind) of each of
     the ``n`` test images of a dataset of :data:`LEVELED_DATASETS` (loader order, without
     ``data.limit``)."""
     levels = torch.tensor(LEVELED_DATASETS[name], dtype=torch.float64)
@@ -636,6 +675,8 @@ def build_loaders(
             train, test, info = load_digits_blend()
         elif cfg.name == "digits_overlay":
             train, test, info = load_digits_overlay()
+        elif cfg.name == "digits_mixed":
+            train, test, info = load_digits_mixed()
         else:
             train, test, info = load_cifar(cfg.name, cfg.root, cfg.download)
         train, test = train.subset(cfg.limit, seed=0), test.subset(cfg.limit, seed=1)

@@ -27,6 +27,7 @@ LEVEL_NAMES = {
     "digits_contrast": ("contrast", "{:g}"),
     "digits_blend": ("weight of the labelled digit", "w={:g}"),
     "digits_overlay": ("brightness of the cover", "k={:g}"),
+    "digits_mixed": ("kind (0 bars, 1 covered digit)", "{:g}"),
 }
 
 

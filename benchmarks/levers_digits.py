@@ -15,6 +15,8 @@ costs the same whichever level takes it.
     python benchmarks/levers_digits.py --seeds 0 1 2   # about 30 min on one CPU core
     python benchmarks/levers_digits.py --data digits_contrast --fp-epochs 8 --qat-epochs 6 \
         --levers default stats+distill_highest --seeds 0 1 2 3 4
+    python benchmarks/levers_digits.py --data digits_mixed --fp-epochs 20 --qat-epochs 10 \
+        --bits 1 2 3 --weight-bits 4 --levers stats+distill_highest stats+distill_highest+blind
 """
 
 from __future__ import annotations

@@ -213,3 +213,14 @@ def test_demo_line_relates_bits_to_the_known_level(tmp_path, dataset):
     assert f"{first}: {4 / mean:.3f}x" in line and f"{last}: {16 / mean:.3f}x" in line
     path.write_text("index,bitops\n0,4\n1,9\n2,16\n")  # a subset: no levels to compare
     assert "subset" in level_line(path, dataset)
+
+
+def test_demo_line_names_the_two_kinds_of_digits_mixed(tmp_path):
+    from instaquant.demo import level_line
+
+    path = tmp_path / "per_sample.csv"
+    bitops = [4, 4, 6, 6, 12, 12, 14, 14]  # the first half bars, the second covered digits
+    path.write_text("index,bitops\n" + "".join(f"{i},{b}\n" for i, b in enumerate(bitops)))
+    line = level_line(path, "digits_mixed")
+    assert "per kind" in line and "ρ = +0.894" in line
+    assert f"bars: {5 / 9:.3f}x" in line and f"covered digits: {13 / 9:.3f}x" in line

@@ -1,6 +1,8 @@
-"""The embedded demo: full precision, static at each candidate, and DQ on the 8x8 digits at four
-noise strengths (``digits_noise``: each digit clean and with three levels of Gaussian noise, so
-how hard an image is is known by construction)."""
+"""The embedded demo: full precision, static at each candidate, and DQ on two kinds of 8x8
+image (``digits_mixed``): half are two parallel bars whose direction and spacing name the class,
+which 1-bit activations read, half are digits under a brighter digit of another class, which
+gain from every activation bit. What each image needs is known by construction, and a bit costs
+the same for both kinds: weights stay at 4 bits, activations choose among 1, 2 and 3."""
 
 from __future__ import annotations
 
@@ -15,19 +17,21 @@ import torch
 from . import config as config_mod
 from .data import LEVELED_DATASETS, level_of_test_images
 from .engine import fit, write_summary
-from .report import plot_accuracy_vs_bitops, report_headline, write_report
+from .report import plot_accuracy_vs_bitops, report_headline, static_name, write_report
 from .stats import spearman
 
-CANDIDATES = [2, 3, 4]
+CANDIDATES = [1, 2, 3]  # activation bits; the budget is the middle one's BitOPs
+WEIGHT_BITS = 4
 METHOD = "pact"
-DATASET = "digits_noise"
-# What a level of each leveled dataset is, and how a level is written.
-LEVEL_NAMES = {
+DATASET = "digits_mixed"
+QAT_EPOCHS = 10
+# What a level of each leveled dataset is, and how a level is written (a format or a name).
+LEVEL_NAMES: dict[str, tuple[str, str | dict[float, str]]] = {
     "digits_noise": ("noise strength", "σ={:g}"),
     "digits_contrast": ("contrast", "{:g}"),
     "digits_blend": ("weight of the labelled digit", "w={:g}"),
     "digits_overlay": ("brightness of the cover", "k={:g}"),
-    "digits_mixed": ("kind (0 bars, 1 covered digit)", "{:g}"),
+    "digits_mixed": ("kind", {0.0: "bars", 1.0: "covered digits"}),
 }
 
 
@@ -47,7 +51,7 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
     fp = {
         **_base(out, "fp"),
         "recipe": "fp",
-        "epochs": 15,
+        "epochs": 20,
         "optim": {"lr": 0.1, "schedule": "cosine"},
     }
     finetune = {"lr": 0.02, "schedule": "cosine", "weight_decay": 1e-4}
@@ -57,10 +61,10 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
             {
                 **_base(out, f"static{b}"),
                 "recipe": "static",
-                "epochs": 8,
+                "epochs": QAT_EPOCHS,
                 "reference_bits": middle,
                 "model": {"name": "digits_net", "init": str(out / "fp")},
-                "quant": {"method": METHOD, "bits": [b]},
+                "quant": {"method": METHOD, "bits": [b], "weight_bits": WEIGHT_BITS},
                 "optim": finetune,
             }
         )
@@ -71,16 +75,18 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
 def digits_dq_dict(out: Path) -> dict[str, Any]:
     """The demo's DQ run (configs/digits_demo.yaml holds the same settings): the controller
     also sees per-channel statistics of the tap, and the highest candidate teaches the others,
-    the two options that made bits follow the noise strength (docs/results.md)."""
+    the two options that made bits follow the known level of an image (docs/results.md)."""
     middle = CANDIDATES[len(CANDIDATES) // 2]
     return {
         **_base(out, "dq"),
         "recipe": "dynamic",
-        "epochs": 12,
+        "epochs": QAT_EPOCHS,
+        "reference_bits": middle,
         "model": {"name": "digits_net", "init": str(out / "fp")},
         "quant": {
             "method": METHOD,
             "bits": CANDIDATES,
+            "weight_bits": WEIGHT_BITS,
             "tau": 1.0,
             "tau_final": 0.2,
             "controller_stats": True,
@@ -132,6 +138,25 @@ def common_reference(runs: list[dict]) -> tuple[list[dict], str]:
     return out, line
 
 
+def relative_to_run(runs: list[dict], name: str) -> tuple[list[dict], str]:
+    """Copies of ``runs`` whose ``bitops_rel`` count against the run ``name``'s own mean
+    BitOPs, and a line naming it: the demo's reference is static W4A2 itself, where the
+    library's ``reference_bits`` always means weights and activations at the same bits."""
+    base = next((r for r in runs if r["name"] == name), None)
+    if base is None or not base.get("bitops_mean"):
+        raise ValueError(f"no quantized run named {name!r} with BitOPs among the runs")
+    label = f"static {static_name(base)}" if base["recipe"] == "static" else repr(name)
+    out = []
+    for r in runs:
+        r = dict(r)
+        if r["recipe"] != "fp":
+            mean = r.get("bitops_mean")
+            r["bitops_rel"] = None if mean is None else mean / base["bitops_mean"]
+            r["reference_name"] = label
+        out.append(r)
+    return out, f"BitOPs relative to {label}."
+
+
 def _reference_of(run: dict) -> tuple[int | None, float | None]:
     """A summary entry's reference: its bit-width and, when the entry allows, its BitOPs (a
     whole number for a static model; rounded so that the ratio's float error does not count)."""
@@ -141,14 +166,17 @@ def _reference_of(run: dict) -> tuple[int | None, float | None]:
     )
 
 
-def format_table(runs: list[dict]) -> str:
-    runs, reference = common_reference(runs)
+def format_table(runs: list[dict], relative_to: str | None = None) -> str:
+    """The runs as a text table; BitOPs against one reference (:func:`common_reference`), or
+    against the run named ``relative_to`` (:func:`relative_to_run`)."""
+    runs, reference = (
+        common_reference(runs) if relative_to is None else relative_to_run(runs, relative_to)
+    )
     w = max(10, *(len(r["name"]) for r in runs))
-    head = f"{'run':<{w}} {'recipe':<8} {'bits':<7} {'top1 %':>7} {'mean bits':>9} {'BitOPs':>8}  spread"
+    head = f"{'run':<{w}} {'recipe':<8} {'bits':<10} {'top1 %':>7} {'mean bits':>9} {'BitOPs':>8}  spread"
     lines = [head, "-" * (len(head) + 30)]
     for r in runs:
-        bits = "32" if r["bits"] is None else ",".join(map(str, r["bits"]))
-        mb = f"{r['bits_mean']:.2f}" if r.get("bits_mean") is not None else "-"
+        bits, mb = _bits_columns(r)
         rel = f"{r['bitops_rel']:.3f}x" if r.get("bitops_rel") is not None else "-"
         spread = ""
         if r.get("candidate_fraction"):
@@ -159,7 +187,7 @@ def format_table(runs: list[dict]) -> str:
             lo, hi = r["bitops_min"] / r["bitops_mean"], r["bitops_max"] / r["bitops_mean"]
             spread = f"{shares}; per-image BitOPs {lo:.2f}-{hi:.2f}x of mean"
         lines.append(
-            f"{r['name']:<{w}} {r['recipe']:<8} {bits:<7} {r['top1']:>7.2f} {mb:>9} {rel:>8}  {spread}"
+            f"{r['name']:<{w}} {r['recipe']:<8} {bits:<10} {r['top1']:>7.2f} {mb:>9} {rel:>8}  {spread}"
         )
     lines.append(reference)
     for r in runs:
@@ -170,6 +198,20 @@ def format_table(runs: list[dict]) -> str:
                 f"{r['controller_params']:,} params"
             )
     return "\n".join(lines)
+
+
+def _bits_columns(run: dict) -> tuple[str, str]:
+    """A run's bit-widths and mean bits as the table writes them; with the weights fixed
+    (``weight_bits``) the bits are the activations', and so is the mean (``W4 A1,2,3``)."""
+    if run["bits"] is None:
+        return "32", "-"
+    bits = ",".join(map(str, run["bits"]))
+    mean = run.get("bits_mean")
+    weight_bits = run.get("weight_bits")
+    if weight_bits is None:
+        return bits, "-" if mean is None else f"{mean:.2f}"
+    # bits_mean averages weight and activation bits; the weights' are known.
+    return f"W{weight_bits} A{bits}", "-" if mean is None else f"A {2 * mean - weight_bits:.2f}"
 
 
 def _candidate_shares(fraction: list) -> list[float]:
@@ -200,13 +242,19 @@ def run_demo(
         entries.append(fit(cfg, resume=resume, progress=progress, overwrite=not resume))
     summary_path = out / "summary.json"
     write_summary(summary_path, entries)
+    # BitOPs against the budget's static model (W4A2), when the demo trained it.
+    middle = f"static{CANDIDATES[len(CANDIDATES) // 2]}"
+    reference = middle if any(e["name"] == middle for e in entries) else None
+    on_one_scale = (
+        common_reference(entries) if reference is None else relative_to_run(entries, reference)
+    )
     plot = plot_accuracy_vs_bitops(
-        common_reference(entries)[0],
+        on_one_scale[0],
         out / "accuracy_vs_bitops.png",
-        "instaquant demo: 8x8 digits at four noise strengths",
+        "instaquant demo: bars and covered digits (8x8), W4, activations choose",
     )
     print()
-    print(format_table(entries))
+    print(format_table(entries, relative_to=reference))
     report = write_report(out / "dq", fp_run=out / "fp", progress=progress)
     print(f"\nwall time {time.time() - t0:.0f} s; wrote {summary_path} and {plot}")
     print(f"DQ {report_headline(report)}")
@@ -225,9 +273,8 @@ def level_line(per_sample_csv: Path, dataset: str) -> str:
         return f"(a subset of the test set: no {what} per image to compare with)"
     known = level_of_test_images(dataset, bitops.numel())
     means = [float(bitops[known == v].mean() / bitops.mean()) for v in levels]
-    per_level = ", ".join(
-        f"{written.format(v)}: {m:.3f}x" for v, m in zip(levels, means, strict=True)
-    )
+    named = written.get if isinstance(written, dict) else written.format
+    per_level = ", ".join(f"{named(v)}: {m:.3f}x" for v, m in zip(levels, means, strict=True))
     return (
         f"DQ per-image BitOPs against the known {what}: Spearman ρ = "
         f"{spearman(bitops, known):+.3f}; mean BitOPs per {what} (x the mean): {per_level}"

@@ -73,6 +73,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def static_name(run: dict) -> str:
+    """How a static run's bits are written: ``3-bit``, or ``W4A2`` with the weights fixed."""
+    weight_bits = run.get("weight_bits")
+    bits = run["bits"][0]
+    return f"{bits}-bit" if weight_bits is None else f"W{weight_bits}A{bits}"
+
+
 def plot_accuracy_vs_bitops(
     runs: list[dict], path: str | Path, title: str = "", highlight: str | None = None
 ) -> Path:
@@ -106,7 +113,7 @@ def plot_accuracy_vs_bitops(
         ax.plot(xs, ys, "s-", color=method_color[method], label=f"{method} static")
         for r in group:
             ax.annotate(
-                f"{r['bits'][0]}-bit",
+                static_name(r),
                 (r["bitops_rel"], r["top1"]),
                 textcoords="offset points",
                 xytext=(4, -10),
@@ -141,8 +148,10 @@ def plot_accuracy_vs_bitops(
                 fontsize=8,
                 color="red",
             )
+    named = next((r["reference_name"] for r in runs if r.get("reference_name")), None)
     ref = next((r.get("reference_bits") for r in runs if r.get("reference_bits")), None)
-    ax.set_xlabel(f"mean BitOPs relative to static {ref}-bit" if ref else "mean BitOPs (relative)")
+    reference = named or (f"static {ref}-bit" if ref else None)
+    ax.set_xlabel(f"mean BitOPs relative to {reference}" if reference else "mean BitOPs (relative)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "Accuracy vs compute")
     ax.margins(x=0.08)  # room for the bit-width labels beside the end points

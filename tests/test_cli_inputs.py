@@ -235,25 +235,21 @@ def test_common_reference_without_absolute_bitops():
     )
 
 
-def test_table_relative_to_a_run_with_fixed_weights():
-    from instaquant.demo import format_table, relative_to_run
+def test_table_writes_fixed_weights_and_the_activations_mean():
+    from instaquant.demo import format_table
 
-    # Weights at 4 bits, activations at 1 or 2 (or chosen): the reference is static W4A2.
+    # Weights at 4 bits, activations at 1 or chosen; the reference is static W2A2 (4 per MAC).
     runs = [
         _entry("fp", "fp", None, None, None, None),
         _entry("static1", "static", [1], 2, 400.0, 1.0, weight_bits=4, bits_mean=2.5),
-        _entry("static2", "static", [2], 2, 800.0, 2.0, weight_bits=4, bits_mean=3.0),
         _entry("dq", "dynamic", [1, 2, 3], 2, 760.0, 1.9, weight_bits=4, bits_mean=2.95),
+        _entry("s3", "static", [3], 3, 900.0, 1.0),
     ]
-    rebased, line = relative_to_run(runs, "static2")
-    assert [r["bitops_rel"] for r in rebased] == [None, 0.5, 1.0, 0.95]
-    assert line == "BitOPs relative to static W4A2."
-    assert runs[3]["bitops_rel"] == 1.9  # the caller's entries are left as they were
-    rows = {r.split()[0]: r.split() for r in format_table(runs, relative_to="static2").splitlines()}
-    assert rows["static1"][2:6] == ["W4", "A1", "90.00", "A"] and rows["static1"][6] == "1.00"
-    assert rows["dq"][2:4] == ["W4", "A1,2,3"] and rows["dq"][6:8] == ["1.90", "0.950x"]
-    with pytest.raises(ValueError, match="no quantized run named 'static9'"):
-        relative_to_run(runs, "static9")
+    rows = {r.split()[0]: r.split() for r in format_table(runs).splitlines()}
+    assert rows["static1"][2:7] == ["W4", "A1", "90.00", "A", "1.00"]
+    assert rows["dq"][2:8] == ["W4", "A1,2,3", "90.00", "A", "1.90", "1.900x"]
+    assert rows["s3"][2:6] == ["3", "90.00", "3.00", "2.250x"]
+    assert rows["fp"][2:5] == ["32", "90.00", "-"]
 
 
 HINT = "give a run folder or the summary.json that train or demo wrote"

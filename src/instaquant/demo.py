@@ -1,8 +1,6 @@
-"""The embedded demo: full precision, static at each candidate, and DQ on two kinds of 8x8
-image (``digits_mixed``): half are two parallel bars whose direction and spacing name the class,
-which 1-bit activations read, half are digits under a brighter digit of another class, which
-gain from every activation bit. What each image needs is known by construction, and a bit costs
-the same for both kinds: weights stay at 4 bits, activations choose among 1, 2 and 3."""
+"""The embedded demo: full precision, static at each candidate, and DQ on the 8x8 digits at four
+noise strengths (``digits_noise``: each digit clean and with three levels of Gaussian noise, so
+how hard an image is is known by construction)."""
 
 from __future__ import annotations
 
@@ -17,14 +15,12 @@ import torch
 from . import config as config_mod
 from .data import LEVELED_DATASETS, level_of_test_images
 from .engine import fit, write_summary
-from .report import plot_accuracy_vs_bitops, report_headline, static_name, write_report
+from .report import plot_accuracy_vs_bitops, report_headline, write_report
 from .stats import spearman
 
-CANDIDATES = [1, 2, 3]  # activation bits; the budget is the middle one's BitOPs
-WEIGHT_BITS = 4
+CANDIDATES = [2, 3, 4]
 METHOD = "pact"
-DATASET = "digits_mixed"
-QAT_EPOCHS = 10
+DATASET = "digits_noise"
 # What a level of each leveled dataset is, and how a level is written (a format or a name).
 LEVEL_NAMES: dict[str, tuple[str, str | dict[float, str]]] = {
     "digits_noise": ("noise strength", "σ={:g}"),
@@ -51,7 +47,7 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
     fp = {
         **_base(out, "fp"),
         "recipe": "fp",
-        "epochs": 20,
+        "epochs": 15,
         "optim": {"lr": 0.1, "schedule": "cosine"},
     }
     finetune = {"lr": 0.02, "schedule": "cosine", "weight_decay": 1e-4}
@@ -61,10 +57,10 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
             {
                 **_base(out, f"static{b}"),
                 "recipe": "static",
-                "epochs": QAT_EPOCHS,
+                "epochs": 8,
                 "reference_bits": middle,
                 "model": {"name": "digits_net", "init": str(out / "fp")},
-                "quant": {"method": METHOD, "bits": [b], "weight_bits": WEIGHT_BITS},
+                "quant": {"method": METHOD, "bits": [b]},
                 "optim": finetune,
             }
         )
@@ -75,18 +71,16 @@ def demo_configs(out: Path) -> list[config_mod.Config]:
 def digits_dq_dict(out: Path) -> dict[str, Any]:
     """The demo's DQ run (configs/digits_demo.yaml holds the same settings): the controller
     also sees per-channel statistics of the tap, and the highest candidate teaches the others,
-    the two options that made bits follow the known level of an image (docs/results.md)."""
+    the two options that made bits follow the noise strength (docs/results.md)."""
     middle = CANDIDATES[len(CANDIDATES) // 2]
     return {
         **_base(out, "dq"),
         "recipe": "dynamic",
-        "epochs": QAT_EPOCHS,
-        "reference_bits": middle,
+        "epochs": 12,
         "model": {"name": "digits_net", "init": str(out / "fp")},
         "quant": {
             "method": METHOD,
             "bits": CANDIDATES,
-            "weight_bits": WEIGHT_BITS,
             "tau": 1.0,
             "tau_final": 0.2,
             "controller_stats": True,
@@ -138,25 +132,6 @@ def common_reference(runs: list[dict]) -> tuple[list[dict], str]:
     return out, line
 
 
-def relative_to_run(runs: list[dict], name: str) -> tuple[list[dict], str]:
-    """Copies of ``runs`` whose ``bitops_rel`` count against the run ``name``'s own mean
-    BitOPs, and a line naming it: the demo's reference is static W4A2 itself, where the
-    library's ``reference_bits`` always means weights and activations at the same bits."""
-    base = next((r for r in runs if r["name"] == name), None)
-    if base is None or not base.get("bitops_mean"):
-        raise ValueError(f"no quantized run named {name!r} with BitOPs among the runs")
-    label = f"static {static_name(base)}" if base["recipe"] == "static" else repr(name)
-    out = []
-    for r in runs:
-        r = dict(r)
-        if r["recipe"] != "fp":
-            mean = r.get("bitops_mean")
-            r["bitops_rel"] = None if mean is None else mean / base["bitops_mean"]
-            r["reference_name"] = label
-        out.append(r)
-    return out, f"BitOPs relative to {label}."
-
-
 def _reference_of(run: dict) -> tuple[int | None, float | None]:
     """A summary entry's reference: its bit-width and, when the entry allows, its BitOPs (a
     whole number for a static model; rounded so that the ratio's float error does not count)."""
@@ -166,12 +141,8 @@ def _reference_of(run: dict) -> tuple[int | None, float | None]:
     )
 
 
-def format_table(runs: list[dict], relative_to: str | None = None) -> str:
-    """The runs as a text table; BitOPs against one reference (:func:`common_reference`), or
-    against the run named ``relative_to`` (:func:`relative_to_run`)."""
-    runs, reference = (
-        common_reference(runs) if relative_to is None else relative_to_run(runs, relative_to)
-    )
+def format_table(runs: list[dict]) -> str:
+    runs, reference = common_reference(runs)
     w = max(10, *(len(r["name"]) for r in runs))
     head = f"{'run':<{w}} {'recipe':<8} {'bits':<10} {'top1 %':>7} {'mean bits':>9} {'BitOPs':>8}  spread"
     lines = [head, "-" * (len(head) + 30)]
@@ -242,19 +213,13 @@ def run_demo(
         entries.append(fit(cfg, resume=resume, progress=progress, overwrite=not resume))
     summary_path = out / "summary.json"
     write_summary(summary_path, entries)
-    # BitOPs against the budget's static model (W4A2), when the demo trained it.
-    middle = f"static{CANDIDATES[len(CANDIDATES) // 2]}"
-    reference = middle if any(e["name"] == middle for e in entries) else None
-    on_one_scale = (
-        common_reference(entries) if reference is None else relative_to_run(entries, reference)
-    )
     plot = plot_accuracy_vs_bitops(
-        on_one_scale[0],
+        common_reference(entries)[0],
         out / "accuracy_vs_bitops.png",
-        "instaquant demo: bars and covered digits (8x8), W4, activations choose",
+        "instaquant demo: 8x8 digits at four noise strengths",
     )
     print()
-    print(format_table(entries, relative_to=reference))
+    print(format_table(entries))
     report = write_report(out / "dq", fp_run=out / "fp", progress=progress)
     print(f"\nwall time {time.time() - t0:.0f} s; wrote {summary_path} and {plot}")
     print(f"DQ {report_headline(report)}")

@@ -73,7 +73,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def static_name(run: dict) -> str:
+def _static_name(run: dict) -> str:
     """How a static run's bits are written: ``3-bit``, or ``W4A2`` with the weights fixed."""
     weight_bits = run.get("weight_bits")
     bits = run["bits"][0]
@@ -113,7 +113,7 @@ def plot_accuracy_vs_bitops(
         ax.plot(xs, ys, "s-", color=method_color[method], label=f"{method} static")
         for r in group:
             ax.annotate(
-                static_name(r),
+                _static_name(r),
                 (r["bitops_rel"], r["top1"]),
                 textcoords="offset points",
                 xytext=(4, -10),
@@ -148,10 +148,8 @@ def plot_accuracy_vs_bitops(
                 fontsize=8,
                 color="red",
             )
-    named = next((r["reference_name"] for r in runs if r.get("reference_name")), None)
     ref = next((r.get("reference_bits") for r in runs if r.get("reference_bits")), None)
-    reference = named or (f"static {ref}-bit" if ref else None)
-    ax.set_xlabel(f"mean BitOPs relative to {reference}" if reference else "mean BitOPs (relative)")
+    ax.set_xlabel(f"mean BitOPs relative to static {ref}-bit" if ref else "mean BitOPs (relative)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "Accuracy vs compute")
     ax.margins(x=0.08)  # room for the bit-width labels beside the end points

@@ -3,7 +3,7 @@ run's headroom says there: its controller, its layer policy and its cascade (eve
 cheap candidate, the least confident again at a dearer one, both passes paid) against static
 3-bit. One demo run's margins are within a few test images of noise; this gives their spread.
 
-    python benchmarks/demo_seeds.py --seeds 0 1 2 3 4   # about 1 min a seed on 2 CPU cores
+    python benchmarks/demo_seeds.py --seeds 0 1 2 3 4   # about 2 min a seed on 2 CPU cores
 """
 
 from __future__ import annotations

@@ -246,10 +246,14 @@ def test_table_writes_fixed_weights_and_the_activations_mean():
         _entry("s3", "static", [3], 3, 900.0, 1.0),
     ]
     rows = {r.split()[0]: r.split() for r in format_table(runs).splitlines()}
-    assert rows["static1"][2:7] == ["W4", "A1", "90.00", "A", "1.00"]
-    assert rows["dq"][2:8] == ["W4", "A1,2,3", "90.00", "A", "1.90", "1.900x"]
+    assert rows["static1"][2:6] == ["W4A1", "90.00", "A", "1.00"]
+    assert rows["dq"][2:7] == ["W4A1,2,3", "90.00", "A", "1.90", "1.900x"]
     assert rows["s3"][2:6] == ["3", "90.00", "3.00", "2.250x"]
     assert rows["fp"][2:5] == ["32", "90.00", "-"]
+    # The plot labels static points the same way (a joint-bits run keeps "3-bit").
+    from instaquant.report import fixed_weights_label
+
+    assert [fixed_weights_label(r) for r in runs] == [None, "W4A1", "W4A1,2,3", None]
 
 
 HINT = "give a run folder or the summary.json that train or demo wrote"

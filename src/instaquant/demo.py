@@ -15,7 +15,12 @@ import torch
 from . import config as config_mod
 from .data import LEVELED_DATASETS, level_of_test_images
 from .engine import fit, write_summary
-from .report import plot_accuracy_vs_bitops, report_headline, write_report
+from .report import (
+    fixed_weights_label,
+    plot_accuracy_vs_bitops,
+    report_headline,
+    write_report,
+)
 from .stats import spearman
 
 CANDIDATES = [2, 3, 4]
@@ -173,16 +178,15 @@ def format_table(runs: list[dict]) -> str:
 
 def _bits_columns(run: dict) -> tuple[str, str]:
     """A run's bit-widths and mean bits as the table writes them; with the weights fixed
-    (``weight_bits``) the bits are the activations', and so is the mean (``W4 A1,2,3``)."""
+    (``weight_bits``) the bits are the activations', and so is the mean (``W4A1,2,3``)."""
     if run["bits"] is None:
         return "32", "-"
-    bits = ",".join(map(str, run["bits"]))
     mean = run.get("bits_mean")
-    weight_bits = run.get("weight_bits")
-    if weight_bits is None:
-        return bits, "-" if mean is None else f"{mean:.2f}"
+    fixed = fixed_weights_label(run)
+    if fixed is None:
+        return ",".join(map(str, run["bits"])), "-" if mean is None else f"{mean:.2f}"
     # bits_mean averages weight and activation bits; the weights' are known.
-    return f"W{weight_bits} A{bits}", "-" if mean is None else f"A {2 * mean - weight_bits:.2f}"
+    return fixed, "-" if mean is None else f"A {2 * mean - run['weight_bits']:.2f}"
 
 
 def _candidate_shares(fraction: list) -> list[float]:

@@ -73,11 +73,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def _static_name(run: dict) -> str:
-    """How a static run's bits are written: ``3-bit``, or ``W4A2`` with the weights fixed."""
+def fixed_weights_label(run: dict) -> str | None:
+    """A run's bits when its weights are fixed (``weight_bits``), as tables and plots write
+    them: ``W4A2``, ``W4A1,2,3``; None when weights and activations share the bits."""
     weight_bits = run.get("weight_bits")
-    bits = run["bits"][0]
-    return f"{bits}-bit" if weight_bits is None else f"W{weight_bits}A{bits}"
+    if weight_bits is None or run.get("bits") is None:
+        return None
+    return f"W{weight_bits}A" + ",".join(map(str, run["bits"]))
 
 
 def plot_accuracy_vs_bitops(
@@ -113,7 +115,7 @@ def plot_accuracy_vs_bitops(
         ax.plot(xs, ys, "s-", color=method_color[method], label=f"{method} static")
         for r in group:
             ax.annotate(
-                _static_name(r),
+                fixed_weights_label(r) or f"{r['bits'][0]}-bit",
                 (r["bitops_rel"], r["top1"]),
                 textcoords="offset points",
                 xytext=(4, -10),

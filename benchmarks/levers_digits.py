@@ -10,13 +10,19 @@ of the oracle's gain the controller captures. The "level oracle" row is the best
 models could do knowing every test image's level (:func:`level_oracle`). ``--bits 1 2 3``
 trains other bit-widths; the budget is always the middle one's BitOPs. ``--weight-bits 4``
 fixes the weights of every quantized run at 4 bits, so that only activations choose and a bit
-costs the same whichever level takes it.
+costs the same whichever level takes it; ``--budget-bits 1.5`` then sets DQ's budget apart from
+the middle one. ``--static-teacher`` also trains the two lower static models with the highest
+one as a frozen teacher (``distill.teacher=checkpoint``), the static counterpart of DQ's
+``distill_highest``, and scores DQ against their line too.
 
     python benchmarks/levers_digits.py --seeds 0 1 2   # about 30 min on one CPU core
     python benchmarks/levers_digits.py --data digits_contrast --fp-epochs 8 --qat-epochs 6 \
         --levers default stats+distill_highest --seeds 0 1 2 3 4
     python benchmarks/levers_digits.py --data digits_mixed --fp-epochs 20 --qat-epochs 10 \
         --bits 1 2 3 --weight-bits 4 --levers stats+distill_highest stats+distill_highest+blind
+    python benchmarks/levers_digits.py --data digits_mixed --fp-epochs 20 --qat-epochs 10 \
+        --bits 1 2 3 --weight-bits 4 --budget-bits 1.5 --static-teacher \
+        --levers stats+distill_highest stats+distill_highest+blind
 """
 
 from __future__ import annotations
@@ -48,14 +54,20 @@ DQ = [
 ]
 
 
-def candidate_overrides(bits: list[int]) -> tuple[list[str], list[str]]:
-    """For three bit-widths: every run's BitOPs reference, and DQ's candidates and budget, both
-    the middle one (``[2, 3, 4]``: static 3-bit's BitOPs, as in the tables of docs/results.md)."""
+def candidate_overrides(
+    bits: list[int], budget_bits: float | None = None
+) -> tuple[list[str], list[str]]:
+    """For three bit-widths: every run's BitOPs reference (the middle one), and DQ's candidates
+    and budget (``budget_bits``, by default the middle one: ``[2, 3, 4]`` spend static 3-bit's
+    BitOPs, as in the tables of docs/results.md)."""
     if len(set(bits)) != 3:
         raise ValueError(f"--bits needs three distinct bit-widths, got {bits}")
     low, middle, high = sorted(bits)
+    budget = middle if budget_bits is None else budget_bits
+    if not low <= budget <= high:
+        raise ValueError(f"--budget-bits {budget} is outside the candidates' {low}..{high}")
     reference = [f"reference_bits={middle}"]
-    return reference, [f"quant.bits=[{low},{middle},{high}]", f"budget.target_bits={middle}"]
+    return reference, [f"quant.bits=[{low},{middle},{high}]", f"budget.target_bits={budget:g}"]
 
 
 def qat_overrides(
@@ -202,12 +214,30 @@ def main() -> None:
         help="fix every quantized weight at these bits in every run, so that --bits name the "
         "activations' and BitOPs grow linearly with them (default: weights choose with them)",
     )
+    p.add_argument(
+        "--static-teacher",
+        action="store_true",
+        help="also train the two lower static models taught by the highest one "
+        "(distill.teacher=checkpoint), and score DQ against their line too",
+    )
+    p.add_argument(
+        "--budget-bits",
+        type=float,
+        help="DQ's budget: static BitOPs at this many activation bits, between the lowest and "
+        "highest of --bits (needs --weight-bits, which makes BitOPs linear in them; default: "
+        "the middle one)",
+    )
     args = p.parse_args()
+    if args.budget_bits is not None and args.weight_bits is None:
+        p.error("--budget-bits needs --weight-bits (BitOPs are then linear in the bits)")
     out = args.out or Path(f"runs/levers_{args.data}")
     torch.set_num_threads(args.threads)
     fp_run = ["recipe=fp", f"epochs={args.fp_epochs}", "optim.lr=0.1", f"seed={args.fp_seed}"]
     fp = train(out, args.data, "fp", fp_run)
-    reference, candidates = candidate_overrides(args.bits)
+    try:
+        reference, candidates = candidate_overrides(args.bits, args.budget_bits)
+    except ValueError as err:
+        p.error(str(err))
     qat = qat_overrides(fp, args.qat_epochs, reference, args.weight_bits)
     rows: dict[str, list[dict]] = {"full precision": [measure(fp, args.data)]}
     levels = [f"top1@{v:g}" for v in LEVELED_DATASETS[args.data]]
@@ -220,10 +250,26 @@ def main() -> None:
             )
             rows.setdefault(f"static {bits}-bit", []).append(static[bits])
         line = [(r["bitops_rel"], r["top1"]) for r in static.values()]
+        taught_line = None
+        if args.static_teacher:  # DQ's highest candidate teaches; so may the static model's
+            high = max(args.bits)
+            teacher = [
+                "distill.teacher=checkpoint",
+                f"distill.checkpoint={out / f'static{high}_s{seed}'}",
+            ]
+            taught_line = [(static[high]["bitops_rel"], static[high]["top1"])]
+            for bits in sorted(args.bits)[:2]:
+                overrides = [*qat, "recipe=static", f"quant.bits=[{bits}]", f"seed={seed}"]
+                name = f"static{bits}_taught_s{seed}"
+                row = measure(train(out, args.data, name, [*overrides, *teacher]), args.data)
+                rows.setdefault(f"static {bits}-bit taught by {high}-bit", []).append(row)
+                taught_line.append((row["bitops_rel"], row["top1"]))
         per_level = {b: (r["bitops_rel"], [r[k] for k in levels]) for b, r in static.items()}
-        # The budget: the middle static model's BitOPs (1.0 unless --weight-bits moves the
-        # reference off it).
-        budget = static[sorted(args.bits)[1]]["bitops_rel"]
+        # The budget: the static BitOPs at --budget-bits (by default the middle model's, 1.0
+        # unless --weight-bits moves the reference off it); with weights fixed, BitOPs are
+        # linear in the activation bits, so the static points' line gives it exactly.
+        bits_line = [(b, static[b]["bitops_rel"]) for b in sorted(args.bits)]
+        budget = line_at(bits_line, args.budget_bits or sorted(args.bits)[1])
         top1, bitops = level_oracle(per_level, budget)
         oracle = {"top1": top1, "bitops_rel": bitops, "vs_line": top1 - line_at(line, bitops)}
         rows.setdefault("level oracle (static models)", []).append(oracle)
@@ -236,9 +282,12 @@ def main() -> None:
                 run = train(out, args.data, f"dq_{name}_s{seed}", overrides)
                 row = measure(run, args.data)
             row["vs_line"] = row["top1"] - line_at(line, row["bitops_rel"])
+            if taught_line is not None:
+                row["vs_taught_line"] = row["top1"] - line_at(taught_line, row["bitops_rel"])
             rows.setdefault(f"DQ {name}", []).append(row)
             print(f"seed {seed} {name}: {row}", flush=True)
-    keys = ["top1", "bitops_rel", "vs_line", *levels, "rho_level", "p90_p10", "captured"]
+    taught = ["vs_taught_line"] if args.static_teacher else []
+    keys = ["top1", "bitops_rel", "vs_line", *taught, *levels, "rho_level", "p90_p10", "captured"]
     lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, found in rows.items():
         lines.append(

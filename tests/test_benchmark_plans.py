@@ -370,6 +370,12 @@ def test_digit_levers_combine_and_unknown_names_are_refused():
     assert cfg.quant.bits == [1, 2, 3] and cfg.budget.target_bits == 2 and cfg.ref_bits == 2
     with pytest.raises(ValueError, match="three distinct bit-widths"):
         script.candidate_overrides([2, 2, 4])
+    # A budget of its own, between the lowest and highest candidate; the reference stays.
+    reference, candidates = script.candidate_overrides([1, 2, 3], 1.5)
+    cfg = config.from_dict(raw, [*script.QAT, *reference, *script.DQ, *candidates])
+    assert cfg.quant.bits == [1, 2, 3] and cfg.budget.target_bits == 1.5 and cfg.ref_bits == 2
+    with pytest.raises(ValueError, match=r"--budget-bits 0.5 is outside the candidates' 1..3"):
+        script.candidate_overrides([1, 2, 3], 0.5)
     with pytest.raises(argparse.ArgumentTypeError, match="unknown lever 'stat'; allowed: "):
         script.lever_name("stat+distill_highest")
     # The blind control zeroes the controller's input, and only while it is in force.

@@ -15,6 +15,7 @@ import instaquant as iq
 from helpers import dynamic_resnet20, seeded_train_step, varied_images
 from instaquant import config as C
 from instaquant.builder import epoch_progress
+from instaquant.checkpoint import CheckpointError
 from instaquant.controller import BitController
 from instaquant.cost import controller_cost
 from instaquant.engine import (
@@ -228,6 +229,8 @@ def test_the_core_imports_no_config_layer():
         ("quant.controller_epochs=-1", "controller_epochs"),
         ("distill.teacher=fp", "model.init"),
         ("distill.teacher=teacher", "distill.teacher"),
+        ("distill.teacher=checkpoint", "distill.checkpoint"),
+        ("distill.checkpoint=runs/x", "distill.checkpoint"),
         ("distill.temperature=0", "distill.temperature"),
     ],
 )
@@ -276,6 +279,36 @@ def test_distillation_runs_change_training(tmp_path, fp_run, teacher):
     plain = run("plain")
     taught = run(teacher, f"distill.teacher={teacher}", "distill.weight=2.0")
     assert taught["top1"] != plain["top1"] or taught["bitops_rel"] != plain["bitops_rel"]
+
+
+def test_a_checkpoint_teacher_teaches_as_the_same_network_from_model_init(tmp_path, fp_run):
+    """``distill.teacher=checkpoint`` loads any trained run as the frozen teacher: given the
+    full-precision start itself, it trains exactly as ``distill.teacher=fp``."""
+
+    def run(name, *extra):
+        cfg = C.from_dict(
+            {"name": name, "out": str(tmp_path / name)},
+            [*TINY, "epochs=1", "recipe=static", "quant.bits=[3]", f"model.init={fp_run}"]
+            + ["distill.weight=2.0", *extra],
+        )
+        fit(cfg, progress=False)
+        return torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+
+    by_init = run("fp", "distill.teacher=fp")
+    by_checkpoint = run("ckpt", "distill.teacher=checkpoint", f"distill.checkpoint={fp_run}")
+    assert by_init.keys() == by_checkpoint.keys()
+    for key, value in by_init.items():
+        assert torch.equal(value, by_checkpoint[key]), key
+
+
+def test_a_checkpoint_teacher_of_other_data_is_refused(tmp_path, fp_run):
+    cfg = C.from_dict(
+        {"name": "s", "out": str(tmp_path / "s")},
+        [*TINY, "epochs=1", "recipe=static", "quant.bits=[3]", f"model.init={fp_run}"]
+        + ["distill.teacher=checkpoint", f"distill.checkpoint={fp_run}", "data.name=digits_noise"],
+    )
+    with pytest.raises(CheckpointError, match="trained on"):
+        fit(cfg, progress=False)
 
 
 # --------------------------------------------------------------------------- ranking

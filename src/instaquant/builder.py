@@ -168,13 +168,36 @@ def load_for_eval(
     cfg = config_mod.from_dict(ckpt["config"], overrides)
     device = resolve_device(cfg.device)
     _, test_loader, info = build_loaders(cfg.data, cfg.seed, device)
+    model = _model_of_checkpoint(ckpt, cfg, info, device, f"checkpoint {str(path)!r}")
+    return cfg, model, {"ckpt": ckpt, "test_loader": test_loader, "info": info}
+
+
+def load_teacher(path: str | Path, info: DatasetInfo, device: torch.device) -> nn.Module:
+    """The trained run at ``path`` (any recipe) as a frozen teacher for a run on ``info``'s
+    data: ``distill.teacher=checkpoint``."""
+    ckpt = load_checkpoint(path)
+    cfg = config_mod.from_dict(ckpt["config"])
+    what = f"distill.checkpoint {str(path)!r}"
+    if cfg.data.name != info.name:
+        raise CheckpointError(
+            f"{what} was trained on {cfg.data.name!r}, but this run trains on {info.name!r}"
+        )
+    teacher = _model_of_checkpoint(ckpt, cfg, info, device, what)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _model_of_checkpoint(
+    ckpt: dict, cfg: Config, info: DatasetInfo, device: torch.device, what: str
+) -> nn.Module:
     model = build_model(cfg, info, device, signed=ckpt.get("signed"), load_init=False)
-    load_model_state(model, ckpt["model"], f"checkpoint {str(path)!r}")
+    load_model_state(model, ckpt["model"], what)
     if isinstance(model, DynamicQuantModel):
         # The temperature is not a tensor of the state: set it as training last left it.
         trained = ckpt.get("epoch", 0) if ckpt.get("step", 0) else ckpt.get("epoch", 0) - 1
         model.set_progress(epoch_progress(cfg, max(trained, 0)))
-    return cfg, model, {"ckpt": ckpt, "test_loader": test_loader, "info": info}
+    return model
 
 
 def epoch_progress(cfg: Config, epoch: int) -> float:

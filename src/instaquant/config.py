@@ -101,12 +101,15 @@ class BudgetConfig:
     rank_weight: float = 0.0
 
 
-DISTILL_TEACHERS = ("none", "fp", "highest")
+DISTILL_TEACHERS = ("none", "fp", "highest", "checkpoint")
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = "none"  # none | fp (the model.init network) | highest (top candidate)
+    # none | fp (the model.init network) | highest (top candidate) | checkpoint (the trained
+    # run at distill.checkpoint, e.g. a static model at more bits, frozen)
+    teacher: str = "none"
+    checkpoint: str | None = None  # a run folder or .pt file, for teacher=checkpoint
     weight: float = 1.0  # of the distillation term added to the loss
     temperature: float = 1.0
 
@@ -340,6 +343,11 @@ def validate(cfg: Config) -> None:
             "(0 loads in the main process)"
         )
     _one_of("distill.teacher", cfg.distill.teacher, DISTILL_TEACHERS)
+    if (cfg.distill.teacher == "checkpoint") != bool(cfg.distill.checkpoint):
+        raise ConfigError(
+            "config keys 'distill.teacher' and 'distill.checkpoint': a checkpoint teacher "
+            "needs distill.checkpoint (a run folder or .pt file), and only it takes one"
+        )
     if cfg.distill.teacher != "none":
         if cfg.recipe == "fp":
             raise ConfigError("config key 'distill.teacher': an fp run has nothing to distil into")

@@ -20,7 +20,14 @@ from tqdm import tqdm
 
 from . import config as config_mod
 from . import distributed
-from .builder import build_model, epoch_progress, init_model, resolve_device, signed_plan
+from .builder import (
+    build_model,
+    epoch_progress,
+    init_model,
+    load_teacher,
+    resolve_device,
+    signed_plan,
+)
 from .checkpoint import atomic_save, load_checkpoint, load_model_state, save_checkpoint
 from .config import Config, UserError
 from .convert import DynamicQuantModel, QuantModel
@@ -470,10 +477,14 @@ def _train(
 
 
 def _teacher(cfg: Config, info: Any, device: torch.device) -> nn.Module | None:
-    """The frozen full-precision teacher of ``distill.teacher=fp`` (the model.init network)."""
-    if cfg.distill.teacher != "fp":
+    """The frozen teacher of ``distill.teacher=fp`` (the model.init network) or ``checkpoint``
+    (the trained run at ``distill.checkpoint``)."""
+    if cfg.distill.teacher == "fp":
+        teacher = init_model(cfg, info, device)
+    elif cfg.distill.teacher == "checkpoint":
+        teacher = load_teacher(cfg.distill.checkpoint, info, device)
+    else:
         return None
-    teacher = init_model(cfg, info, device)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
@@ -631,7 +642,7 @@ class _EpochLoop:
         (``distill.teacher=highest``: the highest candidate, trained on the same batch, teaches
         the others)."""
         teacher = self.cfg.distill.teacher
-        if teacher == "fp":
+        if teacher in ("fp", "checkpoint"):
             with torch.no_grad():
                 return self.teacher(x), None
         if teacher == "highest" and self.controller_only:  # its own loss trains no controller

@@ -256,6 +256,33 @@ def test_table_writes_fixed_weights_and_the_activations_mean():
     assert [fixed_weights_label(r) for r in runs] == [None, "W4A1", "W4A1,2,3", None]
 
 
+def test_demo_table_counts_bitops_against_static_w4a2_and_scores_dq_against_the_line():
+    from instaquant.demo import format_table, relative_to_run, static_line_margin
+
+    # The demo's runs: static W4A1/A2/A3 (BitOPs 400/800/1200) and DQ at 600, halfway.
+    runs = [
+        _entry("fp", "fp", None, None, None, None),
+        _entry("static1", "static", [1], 2, 400.0, 1.0, weight_bits=4, top1=55.0),
+        _entry("static2", "static", [2], 2, 800.0, 2.0, weight_bits=4, top1=69.0),
+        _entry("static3", "static", [3], 2, 1200.0, 3.0, weight_bits=4, top1=71.0),
+        _entry("dq", "dynamic", [1, 2, 3], 2, 600.0, 1.5, weight_bits=4, top1=66.0),
+    ]
+    rebased, line = relative_to_run(runs, "static2")
+    assert [r["bitops_rel"] for r in rebased] == [None, 0.5, 1.0, 1.5, 0.75]
+    assert line == "BitOPs relative to static W4A2." and runs[4]["bitops_rel"] == 1.5
+    assert {r.get("reference_name") for r in rebased[1:]} == {"static W4A2"}
+    table = format_table(runs, relative_to="static2")
+    assert "0.750x" in table and line in table
+    # The line joining W4A1 (55%) and W4A2 (69%) is at 62% halfway: DQ is 4 points above it.
+    assert static_line_margin(runs) == (
+        "DQ 66.00% against static at equal BitOPs (62.00% on the line joining the static "
+        "models): +4.00 points"
+    )
+    assert "no static models" in static_line_margin(runs[:1] + runs[4:])
+    with pytest.raises(ValueError, match="no quantized run named 'static9'"):
+        relative_to_run(runs, "static9")
+
+
 HINT = "give a run folder or the summary.json that train or demo wrote"
 
 

@@ -150,8 +150,11 @@ def plot_accuracy_vs_bitops(
                 fontsize=8,
                 color="red",
             )
+    # A named reference (demo.relative_to_run: a run itself) or a static bit-width.
+    named = next((r["reference_name"] for r in runs if r.get("reference_name")), None)
     ref = next((r.get("reference_bits") for r in runs if r.get("reference_bits")), None)
-    ax.set_xlabel(f"mean BitOPs relative to static {ref}-bit" if ref else "mean BitOPs (relative)")
+    ref = named or (f"static {ref}-bit" if ref else None)
+    ax.set_xlabel(f"mean BitOPs relative to {ref}" if ref else "mean BitOPs (relative)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "Accuracy vs compute")
     ax.margins(x=0.08)  # room for the bit-width labels beside the end points

@@ -161,3 +161,20 @@ def test_the_layer_policy_records_the_fixed_weight_bits():
     with model.forced_bits(bits_a), torch.no_grad():  # the policy's candidates run it again
         model.eval()(x)
     assert float(model.last.bitops[0]) == room.policy_bitops
+
+
+def test_reports_name_the_reference_as_w_b_a_b_when_the_weights_are_fixed():
+    # Relative BitOPs count against static b-bit with its weights at b too: with the run's
+    # weights fixed at another width, "static 2-bit" would read as W4A2.
+    from types import SimpleNamespace
+
+    from instaquant.analysis import Analysis
+    from instaquant.engine import _reference_name
+
+    name = Analysis.reference_name.fget
+    assert name(SimpleNamespace(ref_bits=2, weight_bits=4)) == "static W2A2"
+    assert name(SimpleNamespace(ref_bits=3, weight_bits=None)) == "static 3-bit"
+    fixed = from_dict({}, ["recipe=dynamic", "quant.bits=[1,2,3]", "quant.weight_bits=4"])
+    joint = from_dict({}, ["recipe=dynamic", "quant.bits=[2,3,4]"])
+    assert _reference_name(fixed) == f"W{fixed.ref_bits}A{fixed.ref_bits}"
+    assert _reference_name(joint) == f"{joint.ref_bits}-bit"

@@ -70,6 +70,13 @@ class Analysis:
         return int(self.label.shape[0])
 
     @property
+    def reference_name(self) -> str:
+        """The static model relative BitOPs count against: ``static 3-bit``, or ``static
+        W2A2`` when this run's weights are fixed (the reference's weights are not)."""
+        b = self.ref_bits
+        return f"static {b}-bit" if self.weight_bits is None else f"static W{b}A{b}"
+
+    @property
     def index(self) -> Tensor:
         return torch.arange(self.n)
 

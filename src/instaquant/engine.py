@@ -490,6 +490,12 @@ def _teacher(cfg: Config, info: Any, device: torch.device) -> nn.Module | None:
     return teacher
 
 
+def _reference_name(cfg: Config) -> str:
+    """``2-bit``, or ``W2A2`` when the weights are fixed (the reference's are not)."""
+    b = cfg.ref_bits
+    return f"{b}-bit" if cfg.recipe == "fp" or cfg.quant.weight_bits is None else f"W{b}A{b}"
+
+
 def _epoch_line(cfg: Config, epoch: int, m: dict[str, Any]) -> str:
     line = (
         f"[{cfg.name}] epoch {epoch + 1}/{cfg.epochs}  loss {m['train_loss']:.3f}  "
@@ -498,7 +504,7 @@ def _epoch_line(cfg: Config, epoch: int, m: dict[str, Any]) -> str:
     if "test_bitops_rel" in m:
         line += (
             f"  bits {m['test_bits_mean']:.2f}  "
-            f"BitOPs {m['test_bitops_rel']:.3f}x of {cfg.ref_bits}-bit"
+            f"BitOPs {m['test_bitops_rel']:.3f}x of {_reference_name(cfg)}"
         )
     if m.get("controller_only"):
         line += "  (controller only)"

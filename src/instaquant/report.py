@@ -231,12 +231,12 @@ def plot_bitops_histogram(a: Analysis, path: str | Path) -> Path:
     mean = float(rel.mean())
     ax.axvline(mean, color="black", lw=1.2, label=f"mean {mean:.3f}x")
     same = a.budget_rel is not None and abs(a.budget_rel - 1.0) < 1e-9
-    ref_label = f"static {a.ref_bits}-bit (1x)" + (" = budget target" if same else "")
+    ref_label = f"{a.reference_name} (1x)" + (" = budget target" if same else "")
     ax.axvline(1.0, color="grey", ls="--", lw=1, label=ref_label)
     if a.budget_rel is not None and not same:
         ax.axvline(a.budget_rel, color="tab:green", ls=":", lw=1.5,
                    label=f"budget target {a.budget_rel:.3f}x")  # fmt: skip
-    ax.set_xlabel(f"BitOPs per image relative to static {a.ref_bits}-bit")
+    ax.set_xlabel(f"BitOPs per image relative to {a.reference_name}")
     ax.set_ylabel("test images")
     ax.set_title(f"Per-image BitOPs of {a.name} ({a.n} test images)")
     ax.grid(alpha=0.3, axis="y")
@@ -266,7 +266,7 @@ def plot_bitops_vs_difficulty(a: Analysis, path: str | Path, rho: float) -> Path
             means.append(float(rel[m].mean()))
     ax.plot(centers, means, "o-", color="black", lw=1.5, ms=4, label="mean per decile")
     ax.set_xlabel(f"difficulty percentile ({a.difficulty_name}; 100 = hardest)")
-    ax.set_ylabel(f"BitOPs relative to static {a.ref_bits}-bit")
+    ax.set_ylabel(f"BitOPs relative to {a.reference_name}")
     rho_text = "undefined" if math.isnan(rho) else f"{rho:+.3f}"
     ax.set_title(f"BitOPs vs difficulty: Spearman ρ = {rho_text}")
     ax.set_xlim(-2, 102)
@@ -322,7 +322,7 @@ def plot_gallery(a: Analysis, path: str | Path, k: int = 8) -> tuple[Path, Tenso
     fig.text(
         0.01,
         0.005,
-        f"BitOPs relative to static {a.ref_bits}-bit; red = wrong prediction",
+        f"BitOPs relative to {a.reference_name}; red = wrong prediction",
         fontsize=7,
         color="dimgrey",
     )
@@ -470,6 +470,8 @@ def related_runs(run_dir: Path, a: Analysis) -> list[dict]:
         if r.get("bitops_mean") is not None:
             r["bitops_rel"] = r["bitops_mean"] / a.ref_bitops
         r["reference_bits"] = a.ref_bits if r["recipe"] != "fp" else None
+        if r["recipe"] != "fp":
+            r["reference_name"] = a.reference_name  # the plot's axis names it
     return entries
 
 
@@ -477,7 +479,7 @@ def _comparison_caption(a: Analysis, runs: list[dict]) -> str:
     """Says where each point of the comparison plot comes from (which checkpoint, which data)."""
     data = a.dataset if a.data_root is None else f"{a.dataset} {a.data_root}"
     parts = [
-        f"Top-1 against mean BitOPs relative to static {a.ref_bits}-bit ({a.model_name} on "
+        f"Top-1 against mean BitOPs relative to {a.reference_name} ({a.model_name} on "
         f"{data}). This run (circled): its analysed checkpoint {Path(a.checkpoint).name}"
     ]
     if a.fp_run is not None:
@@ -581,7 +583,7 @@ def _write_files(run_dir: Path, out: Path, a: Analysis, gallery_size: int) -> di
             f"{m['bitops_min']:.4g} / {m['bitops_max']:.4g} "
             f"({m['bitops_min'] / a.ref_bitops:.3f}x / {m['bitops_max'] / a.ref_bitops:.3f}x)",
         ],
-        [f"static {a.ref_bits}-bit reference", f"{a.ref_bitops:.4g} BitOPs (1x)"],
+        [f"{a.reference_name} reference", f"{a.ref_bitops:.4g} BitOPs (1x)"],
         ["mean bits (w, a averaged)", f"{m['bits_mean']:.2f}"],
     ]
     if a.budget_rel is not None:
@@ -590,7 +592,7 @@ def _write_files(run_dir: Path, out: Path, a: Analysis, gallery_size: int) -> di
         rows.append(["full-precision top-1 (same images)", f"{a.fp_top1:.2f}%"])
     doc.table(["measure", "value"], rows)
     doc.p(
-        f"BitOPs convention: {a.convention}. Relative figures are to the static {a.ref_bits}-bit model."
+        f"BitOPs convention: {a.convention}. Relative figures are to the {a.reference_name} model."
     )
 
     doc.h2("Does the controller spend more bits on harder images?")
@@ -809,7 +811,7 @@ def _headroom_section(doc: _Doc, a: Analysis, room: dict) -> None:
             f"{room['monotone_oracle_bitops_rel']:.3f}x",
         ]
     )
-    doc.table(["assignment", "top-1 %", f"BitOPs (x static {a.ref_bits}-bit)"], rows)
+    doc.table(["assignment", "top-1 %", f"BitOPs (x {a.reference_name})"], rows)
 
     def share(x: float | None) -> str:
         return "undefined (the oracle is not above the front)" if x is None else f"{100 * x:.1f}%"

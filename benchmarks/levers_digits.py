@@ -230,14 +230,14 @@ def main() -> None:
     args = p.parse_args()
     if args.budget_bits is not None and args.weight_bits is None:
         p.error("--budget-bits needs --weight-bits (BitOPs are then linear in the bits)")
+    try:  # refused before anything trains
+        reference, candidates = candidate_overrides(args.bits, args.budget_bits)
+    except ValueError as err:
+        p.error(str(err))
     out = args.out or Path(f"runs/levers_{args.data}")
     torch.set_num_threads(args.threads)
     fp_run = ["recipe=fp", f"epochs={args.fp_epochs}", "optim.lr=0.1", f"seed={args.fp_seed}"]
     fp = train(out, args.data, "fp", fp_run)
-    try:
-        reference, candidates = candidate_overrides(args.bits, args.budget_bits)
-    except ValueError as err:
-        p.error(str(err))
     qat = qat_overrides(fp, args.qat_epochs, reference, args.weight_bits)
     rows: dict[str, list[dict]] = {"full precision": [measure(fp, args.data)]}
     levels = [f"top1@{v:g}" for v in LEVELED_DATASETS[args.data]]

@@ -12,9 +12,10 @@ gain from every bit), with 4-bit weights, activations choosing among {1, 2, 3} b
 budget of 1.5 activation bits (halfway between static W4A1 and W4A2): the controller gives
 the bars fewer bits than the covered digits, and DQ beats the static models' line at its
 BitOPs by +1.5 to +8.3 points over ten full-precision starts and +0.9 to +8.4 over the
-demo's five seeds (docs/results.md, "Two kinds of image"); the test asserts 0.5 points. A blind controller gives every image the same bits and
-fails the test; its per-layer mix, trained the same way, also clears the line (+0.1 to +7.5),
-so the margin is DQ training's, not the per-image choice's alone (+1.24 ± 1.36 over it).
+demo's five seeds (docs/results.md, "Two kinds of image"); the test asserts 0.5 points. A
+blind controller gives every image the same bits and fails the test; its per-layer mix,
+trained the same way, also clears the line (+0.1 to +7.5), so the margin is DQ training's,
+not the per-image choice's alone (+1.24 ± 1.36 over it).
 """
 
 import pytest

@@ -169,12 +169,17 @@ def test_reports_name_the_reference_as_w_b_a_b_when_the_weights_are_fixed():
     from types import SimpleNamespace
 
     from instaquant.analysis import Analysis
-    from instaquant.engine import _reference_name
+    from instaquant.cost import reference_label
+    from instaquant.engine import _epoch_line
 
+    assert reference_label(2, weight_bits=4) == "static W2A2"
+    assert reference_label(3) == "static 3-bit"
     name = Analysis.reference_name.fget
     assert name(SimpleNamespace(ref_bits=2, weight_bits=4)) == "static W2A2"
-    assert name(SimpleNamespace(ref_bits=3, weight_bits=None)) == "static 3-bit"
+    metrics = {"train_loss": 1.0, "test_top1": 50.0, "test_bits_mean": 2.0, "test_bitops_rel": 1.5}
     fixed = from_dict({}, ["recipe=dynamic", "quant.bits=[1,2,3]", "quant.weight_bits=4"])
     joint = from_dict({}, ["recipe=dynamic", "quant.bits=[2,3,4]"])
-    assert _reference_name(fixed) == f"W{fixed.ref_bits}A{fixed.ref_bits}"
-    assert _reference_name(joint) == f"{joint.ref_bits}-bit"
+    assert f"BitOPs 1.500x of static W{fixed.ref_bits}A{fixed.ref_bits}" in _epoch_line(
+        fixed, 0, metrics
+    )
+    assert f"BitOPs 1.500x of static {joint.ref_bits}-bit" in _epoch_line(joint, 0, metrics)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import Config, UserError
 from .convert import DynamicQuantModel, QuantModel
-from .cost import BITOPS_CONVENTION
+from .cost import BITOPS_CONVENTION, reference_label
 from .headroom import Headroom, measure_headroom
 from .stats import rankdata, spearman
 
@@ -71,10 +71,8 @@ class Analysis:
 
     @property
     def reference_name(self) -> str:
-        """The static model relative BitOPs count against: ``static 3-bit``, or ``static
-        W2A2`` when this run's weights are fixed (the reference's weights are not)."""
-        b = self.ref_bits
-        return f"static {b}-bit" if self.weight_bits is None else f"static W{b}A{b}"
+        """The static model relative BitOPs count against (:func:`cost.reference_label`)."""
+        return reference_label(self.ref_bits, self.weight_bits)
 
     @property
     def index(self) -> Tensor:

@@ -25,6 +25,13 @@ BITOPS_CONVENTION = (
 BUDGET_KINDS = ("bitops", "bits")
 
 
+def reference_label(ref_bits: int, weight_bits: int | None = None) -> str:
+    """The static model that relative BitOPs count against: ``static 3-bit``, or ``static
+    W2A2`` when the run's weights are fixed (``weight_bits``), since the reference's are not."""
+    b = ref_bits
+    return f"static {b}-bit" if weight_bits is None else f"static W{b}A{b}"
+
+
 @dataclass
 class LayerInfo:
     """One Conv2d/Linear as seen by the shape probe (MACs and params per sample)."""

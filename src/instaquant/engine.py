@@ -31,7 +31,7 @@ from .builder import (
 from .checkpoint import atomic_save, load_checkpoint, load_model_state, save_checkpoint
 from .config import Config, UserError
 from .convert import DynamicQuantModel, QuantModel
-from .cost import BITOPS_CONVENTION, controller_cost
+from .cost import BITOPS_CONVENTION, controller_cost, reference_label
 from .data import RANK_STRIDE, build_loaders
 from .distributed import DistContext
 from .evaluation import evaluate, reference_bitops
@@ -479,21 +479,14 @@ def _train(
 def _teacher(cfg: Config, info: Any, device: torch.device) -> nn.Module | None:
     """The frozen teacher of ``distill.teacher=fp`` (the model.init network) or ``checkpoint``
     (the trained run at ``distill.checkpoint``)."""
-    if cfg.distill.teacher == "fp":
-        teacher = init_model(cfg, info, device)
-    elif cfg.distill.teacher == "checkpoint":
-        teacher = load_teacher(cfg.distill.checkpoint, info, device)
-    else:
+    if cfg.distill.teacher == "checkpoint":
+        return load_teacher(cfg.distill.checkpoint, info, device)
+    if cfg.distill.teacher != "fp":
         return None
+    teacher = init_model(cfg, info, device)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
-
-
-def _reference_name(cfg: Config) -> str:
-    """``2-bit``, or ``W2A2`` when the weights are fixed (the reference's are not)."""
-    b = cfg.ref_bits
-    return f"{b}-bit" if cfg.recipe == "fp" or cfg.quant.weight_bits is None else f"W{b}A{b}"
 
 
 def _epoch_line(cfg: Config, epoch: int, m: dict[str, Any]) -> str:
@@ -504,7 +497,8 @@ def _epoch_line(cfg: Config, epoch: int, m: dict[str, Any]) -> str:
     if "test_bitops_rel" in m:
         line += (
             f"  bits {m['test_bits_mean']:.2f}  "
-            f"BitOPs {m['test_bitops_rel']:.3f}x of {_reference_name(cfg)}"
+            f"BitOPs {m['test_bitops_rel']:.3f}x of "
+            f"{reference_label(cfg.ref_bits, cfg.quant.weight_bits)}"
         )
     if m.get("controller_only"):
         line += "  (controller only)"
